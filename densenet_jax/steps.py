@@ -98,9 +98,19 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn: Callable,
 
 def eval_step(state: TrainState, batch: dict, *, top5: bool = False,
               axis_name: Optional[str] = AXIS_NAME) -> dict:
-  """Sums of loss and errors over the examples whose mask is 1 (padding has mask 0)."""
+  """Sums of loss and errors over the examples whose mask is 1 (padding has mask 0).
+
+  An image batch of shape [batch, crops, H, W, C] (10-crop) is scored by the mean of the crops'
+  logits.
+  """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits = state.apply_fn(variables, batch['image'], train=False)
+  images = batch['image']
+  if images.ndim == 5:
+    crops = images.shape[1]
+    logits = state.apply_fn(variables, images.reshape(-1, *images.shape[2:]), train=False)
+    logits = logits.reshape(-1, crops, logits.shape[-1]).mean(axis=1)
+  else:
+    logits = state.apply_fn(variables, images, train=False)
   mask = batch['mask'].astype(jnp.float32)
   per_example = classification_counts(logits, batch['label'], top5)
   per_example['loss'] = cross_entropy(logits, batch['label'])

@@ -1,0 +1,15 @@
+"""DenseNet-121 (k=32, blocks 6-12-24-16, 7,978,856 parameters) on ImageNet, Table 3 of the paper.
+
+  python main.py --config=configs/imagenet_densenet121.py --workdir=runs/densenet121
+
+Batch 256, 90 epochs, SGD Nesterov 0.9, weight decay 1e-4, lr 0.1 divided by 10 at epochs 30
+and 60, fb.resnet.torch augmentation. Paper: 25.02% top-1 / 7.71% top-5 validation error single-crop,
+23.61% / 6.66% 10-crop (--mode=evaluate --config.ten_crop=True). The paper's Torch runs computed BN
+statistics per GPU (4 GPUs x 64 images): --config.cross_replica_bn=False on 4 devices.
+"""
+
+from configs import common
+
+
+def get_config():
+  return common.imagenet_config('densenet121', paper_top1=25.02, paper_top5=7.71)

@@ -1,0 +1,94 @@
+"""Every Table 2 and Table 3 config has the paper's hyperparameters and its train step traces."""
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import cifar
+from densenet_jax import models, steps
+from densenet_jax.train import create_model_from_config
+
+TABLE2 = [(m, d) for m in cifar.MODELS for d in cifar.DATASETS]
+TABLE3 = {'121': (256, 90, (30, 60)), '169': (256, 90, (30, 60)), '201': (256, 90, (30, 60)),
+          '264': (256, 90, (30, 60)), '161': (128, 100, (30, 60, 90))}
+
+
+def _check_common_recipe(config):
+  assert config.learning_rate == 0.1 and config.momentum == 0.9
+  assert config.weight_decay == 1e-4 and config.lr_decay_factor == 0.1
+
+
+@pytest.mark.parametrize('model_name,dataset', TABLE2)
+def test_table2_config_has_the_paper_hyperparameters(model_name, dataset):
+  config = cifar.get_config(f'{model_name},{dataset}')
+  _check_common_recipe(config)
+  augment = dataset.endswith('+')
+  epochs = 40 if dataset == 'svhn' else 300
+  assert config.batch_size == 64 and config.num_epochs == epochs
+  assert tuple(config.lr_decay_epochs) == (epochs // 2, epochs * 3 // 4)
+  assert config.augment == augment
+  assert config.model.dropout_rate == (0.0 if augment else 0.2)
+  assert config.dataset == {'c': 'cifar', 's': 'svhn_cropped'}[dataset[0]] + (
+      '' if dataset == 'svhn' else ('100' if '100' in dataset else '10'))
+  assert config.holdout_validation == (dataset == 'svhn')
+  model = create_model_from_config(config, num_classes=10)
+  assert model == models.create_model(model_name, num_classes=10, dropout_rate=model.dropout_rate,
+                                      axis_name=steps.AXIS_NAME)
+
+
+def test_table2_paper_errors_are_in_the_configs():
+  assert cifar.get_config('densenet_bc190_k40,c100+').paper_test_error == 17.18
+  assert cifar.get_config('densenet40_k12,svhn').paper_test_error == 1.79
+  assert cifar.get_config('densenet_bc190_k40,c10').paper_test_error is None
+
+
+@pytest.mark.parametrize('name', list(TABLE3))
+def test_table3_config_has_the_paper_hyperparameters(name):
+  config = importlib.import_module(f'configs.imagenet_densenet{name}').get_config()
+  _check_common_recipe(config)
+  batch, epochs, decays = TABLE3[name]
+  assert (config.batch_size, config.num_epochs, tuple(config.lr_decay_epochs)) == (
+      batch, epochs, decays)
+  assert config.dataset == 'imagenet2012' and config.augment
+  assert config.model.dropout_rate == 0.0
+  model = create_model_from_config(config, num_classes=1000)
+  assert model == models.create_model(f'densenet{name}', num_classes=1000,
+                                      axis_name=steps.AXIS_NAME)
+
+
+def test_bad_config_arguments_are_clear_errors():
+  with pytest.raises(ValueError, match=r"model 'densenet42' is not in Table 2; choose from"):
+    cifar.get_config('densenet42,c10')
+  with pytest.raises(ValueError, match=r"'densenet40_k12,c20'.*one of c10, c10\+, c100"):
+    cifar.get_config('densenet40_k12,c20')
+
+
+def _trace_train_step(config, num_classes, image_shape):
+  config.cross_replica_bn = False  # traced without pmap: no axis to average over
+  model = create_model_from_config(config, num_classes)
+  lr_fn = steps.learning_rate_schedule(config.learning_rate, 100, config.lr_decay_epochs)
+  tx = steps.sgd_nesterov(lr_fn, config.momentum, config.weight_decay)
+  state = jax.eval_shape(lambda: steps.create_train_state(model, jax.random.PRNGKey(0),
+                                                          image_shape, tx))
+  batch = {'image': jax.ShapeDtypeStruct((2, *image_shape), jnp.float32),
+           'label': jax.ShapeDtypeStruct((2,), jnp.int32)}
+  step = functools.partial(steps.train_step, learning_rate_fn=lr_fn, axis_name=None)
+  new_state, metrics = jax.eval_shape(step, state, batch)
+  assert jax.tree_util.tree_structure(new_state.params) == jax.tree_util.tree_structure(
+      state.params)
+  assert metrics['loss'].shape == ()
+
+
+@pytest.mark.parametrize('model_name', list(cifar.MODELS))
+def test_table2_train_step_traces(model_name):
+  config = cifar.get_config(f'{model_name},c10')  # dropout on: the dropout path traces too
+  _trace_train_step(config, 10, (32, 32, 3))
+
+
+@pytest.mark.parametrize('name', list(TABLE3))
+def test_table3_train_step_traces(name):
+  config = importlib.import_module(f'configs.imagenet_densenet{name}').get_config()
+  _trace_train_step(config, 1000, (224, 224, 3))

@@ -1,0 +1,118 @@
+"""Optimizer, schedule and the pmapped train step (8 devices vs 1)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from densenet_jax import models, steps
+
+
+def test_optimizer_matches_torch_style_nesterov_sgd_with_weight_decay():
+  rng = np.random.default_rng(0)
+  params = {'w': rng.normal(size=(3, 4)).astype(np.float32),
+            'bn': {'scale': np.ones(4, np.float32), 'bias': rng.normal(size=4).astype(np.float32)}}
+  grads = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+           for _ in range(5)]
+  lr, mu, wd = 0.1, 0.9, 1e-4
+  tx = steps.sgd_nesterov(lr, mu, wd)
+  opt_state = tx.init(params)
+  ours = params
+  for g in grads:
+    updates, opt_state = tx.update(g, opt_state, ours)
+    ours = jax.tree_util.tree_map(lambda p, u: p + u, ours, updates)
+
+  # torch.optim.SGD(nesterov=True, dampening=0, weight_decay=wd), written out by hand.
+  def torch_sgd(p, gs):
+    p, v = p.astype(np.float64), None
+    for g in gs:
+      d = g + wd * p
+      v = d if v is None else mu * v + d  # Torch starts the buffer at the first gradient
+      p = p - lr * (d + mu * v)
+    return p
+
+  for path in (('w',), ('bn', 'scale'), ('bn', 'bias')):
+    get = lambda t: functools.reduce(lambda x, k: x[k], path, t)
+    expected = torch_sgd(get(params), [get(g) for g in grads])
+    np.testing.assert_allclose(get(ours), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_learning_rate_drops_tenfold_at_each_boundary():
+  steps_per_epoch = 782
+  fn = steps.learning_rate_schedule(0.1, steps_per_epoch, (150, 225))
+  b1, b2 = 150 * steps_per_epoch, 225 * steps_per_epoch
+  for step, expected in [(0, 0.1), (b1 - 1, 0.1), (b1, 0.01), (b1 + 1, 0.01), (b2 - 1, 0.01),
+                         (b2, 0.001), (b2 + 1, 0.001), (300 * steps_per_epoch, 0.001)]:
+    assert float(fn(step)) == pytest.approx(expected, rel=1e-6), step
+
+
+def test_imagenet_schedule_with_three_drops():
+  fn = steps.learning_rate_schedule(0.1, 10, (30, 60, 90))
+  values = [float(fn(s)) for s in (299, 300, 599, 600, 899, 900)]
+  np.testing.assert_allclose(values, [0.1, 0.01, 0.01, 0.001, 0.001, 0.0001], rtol=1e-6)
+
+
+def _run_steps(num_devices, batches, cross_replica_bn=True):
+  devices = jax.devices()[:num_devices]
+  model = models.DenseNet(block_sizes=(2, 2), growth_rate=4, bottleneck=True, compression=0.5,
+                          num_classes=10,
+                          axis_name=steps.AXIS_NAME if cross_replica_bn else None)
+  lr_fn = steps.learning_rate_schedule(0.1, 2, (1,))
+  state = steps.create_train_state(model, jax.random.PRNGKey(0), (16, 16, 3),
+                                   steps.sgd_nesterov(lr_fn, 0.9, 1e-4))
+  p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=lr_fn),
+                    axis_name=steps.AXIS_NAME, devices=devices)
+  p_state = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * num_devices), state)
+  for batch in batches:
+    shard = {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}
+    p_state, metrics = p_step(p_state, shard)
+  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], p_state)), metrics
+
+
+def test_eight_devices_equal_one_device_on_the_same_global_batches():
+  assert jax.device_count() >= 8, 'tests/conftest.py sets JAX_NUM_CPU_DEVICES=8'
+  rng = np.random.default_rng(0)
+  batches = [{'image': rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+              'label': rng.integers(0, 10, size=16).astype(np.int32)} for _ in range(3)]
+  one, m1 = _run_steps(1, batches)
+  eight, m8 = _run_steps(8, batches)
+  for tree in ('params', 'batch_stats'):
+    jax.tree_util.tree_map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+        getattr(eight, tree), getattr(one, tree))
+  np.testing.assert_allclose(m8['loss'][0], m1['loss'][0], rtol=1e-5)
+  assert int(eight.step) == 3
+
+
+def test_per_device_batchnorm_differs_from_cross_replica():
+  rng = np.random.default_rng(1)
+  batches = [{'image': (rng.normal(size=(16, 16, 16, 3)) +
+                        np.repeat(np.arange(8), 2)[:, None, None, None]).astype(np.float32),
+              'label': rng.integers(0, 10, size=16).astype(np.int32)}]
+  synced, _ = _run_steps(8, batches)
+  local, _ = _run_steps(8, batches, cross_replica_bn=False)
+  assert not np.allclose(synced.params['classifier']['kernel'], local.params['classifier']['kernel'])
+
+
+def test_eval_step_counts_only_unmasked_examples_and_averages_ten_crops():
+  model = models.DenseNet(block_sizes=(1,), growth_rate=4, num_classes=3)
+  state = steps.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 3),
+                                   steps.sgd_nesterov(0.1, 0.9, 0.0))
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(4, 8, 8, 3)).astype(np.float32)
+  labels = np.array([0, 1, 2, 0], np.int32)
+  mask = np.array([1, 1, 1, 0], np.float32)
+  sums = steps.eval_step(state, {'image': images, 'label': labels, 'mask': mask}, axis_name=None)
+  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images)
+  errors = (np.argmax(logits, -1) != labels)[:3]
+  assert float(sums['count']) == 3
+  assert float(sums['top1_error']) == pytest.approx(errors.sum())
+  crops = np.stack([images, images[:, :, ::-1]], axis=1)  # [batch, 2 crops, H, W, C]
+  flipped = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                           images[:, :, ::-1])
+  mean_logits = (np.asarray(logits) + np.asarray(flipped)) / 2
+  sums = steps.eval_step(state, {'image': crops, 'label': labels, 'mask': mask}, axis_name=None)
+  expected = (np.argmax(mean_logits, -1) != labels)[:3].sum()
+  assert float(sums['top1_error']) == pytest.approx(expected)
