@@ -11,7 +11,10 @@ environment (SLURM, Open MPI, Cloud TPU pod) announces more than one process.
 """
 
 import datetime
+import logging as std_logging
 import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # before TensorFlow loads: no INFO banners
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -41,8 +44,16 @@ def _is_multiprocess_cluster() -> bool:
   return len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
 
 
+class _QuietOrbax(std_logging.Filter):
+  """Drops orbax's per-checkpoint INFO lines; its warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   import jax  # after flag parsing, so --help is fast
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

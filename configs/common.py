@@ -30,6 +30,7 @@ def base_config():
   config.dataset = 'cifar10'
   config.data_dir = placeholder(str)  # None: tfds's default
   config.augment = True
+  config.image_size = placeholder(int)  # digits only: upscale the 8x8 images to this size
   config.holdout_validation = False  # hold out a validation split (SVHN always does)
 
   config.batch_size = 64  # global, over all devices of all processes

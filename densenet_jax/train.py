@@ -76,7 +76,7 @@ def _evaluate_splits(p_eval_step, state, config, info, ten_crop=False):
     batches, _ = input_pipeline.create_eval_iterator(
         config.dataset, split, data_dir=config.data_dir, global_batch_size=config.eval_batch_size,
         holdout_validation=config.holdout_validation, ten_crop=ten_crop,
-        eval_resize=config.eval_resize)
+        eval_resize=config.eval_resize, image_size=config.image_size)
     totals = None
     for batch in input_pipeline.prefetch_to_device(iter(batches)):
       sums = p_eval_step(state, batch)
@@ -99,7 +99,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_time = time.time()
   os.makedirs(workdir, exist_ok=True)
   info = input_pipeline.dataset_info(config.dataset, config.data_dir,
-                                     holdout_validation=config.holdout_validation)
+                                     holdout_validation=config.holdout_validation,
+                                     image_size=config.image_size)
   devices = jax.local_devices()
   if config.batch_size % jax.device_count():
     raise ValueError(f'batch_size={config.batch_size} does not divide evenly over '
@@ -135,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = input_pipeline.prefetch_to_device(input_pipeline.create_train_iterator(
       config.dataset, data_dir=config.data_dir, global_batch_size=config.batch_size,
       seed=config.seed, start_step=start_step, augment=config.augment,
-      holdout_validation=config.holdout_validation))
+      holdout_validation=config.holdout_validation, image_size=config.image_size))
   p_state = replicate(state, devices)
   del state
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
@@ -170,8 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_results = _evaluate_splits(p_eval_step, p_state, config, info)
       for split, values in eval_results.items():
         writer.write_scalars(step, {f'{split}/{k}': v for k, v in values.items()})
-        logging.info('step %d eval %s: %s', step, split,
-                     ' '.join(f'{k} {v:.4f}' for k, v in values.items()))
+        logging.info('step %d eval %s (%d images): %s', step, split, values['count'],
+                     ' '.join(f'{k} {v:.4f}' for k, v in values.items() if k != 'count'))
       _, selection_error = _selection(eval_results)
       history.append({'step': step, 'epoch': step / steps_per_epoch, 'eval': eval_results,
                       'train': summary})
@@ -199,7 +200,8 @@ def _results(config, history, num_params, wall_time):
 def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict:
   """Evaluates the best (or latest) checkpoint of workdir, or config.init_from's weights."""
   info = input_pipeline.dataset_info(config.dataset, config.data_dir,
-                                     holdout_validation=config.holdout_validation)
+                                     holdout_validation=config.holdout_validation,
+                                     image_size=config.image_size)
   model = create_model_from_config(config, info.num_classes)
   state, _ = _make_state(config, model, info, steps_per_epoch=1)
   record = None

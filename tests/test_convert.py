@@ -1,0 +1,279 @@
+"""Weight import from torchvision and Keras: same logits as the source network in eval mode.
+
+Every source network gets random weights AND random BN parameters and statistics (the default
+statistics, mean 0 and variance 1, would hide swapped tensors). The torchvision tests skip
+without torch and torchvision; the numpy-only mapping tests always run.
+"""
+
+import functools
+import re
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from densenet_jax import convert, models
+
+IMAGE_SIZE = 64  # ImageNet DenseNets at 64x64: blocks at 16, 8, 4 and 2 pixels
+NUM_CLASSES = 10
+TORCH_SKIP = 'needs torch and torchvision: pip install torch==2.14.1 torchvision==0.29.1'
+
+
+@pytest.fixture(scope='module', autouse=True)
+def fast_compile():
+  """Less XLA optimization: DenseNet-121 compiles in 4.6 s instead of 7.4 s on CPU."""
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model, variables, images):
+  return model.apply(variables, images)
+
+
+def assert_same_logits(name, variables, images, expected):
+  """Our model's logits equal `expected` within 1e-4 times the logits' scale (max |logit|)."""
+  model = models.create_model(name, num_classes=expected.shape[-1])
+  got = np.asarray(_logits(model, variables, images))
+  difference, scale = np.abs(got - expected).max(), np.abs(expected).max()
+  print(f'{name}: max |logit difference| {difference:.3g}, logit scale {scale:.3g}')
+  assert scale > 0.1
+  assert difference <= 1e-4 * scale
+
+
+def random_images(rng, batch=2):
+  return rng.normal(size=(batch, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+
+
+def random_norm(rng, channels):
+  """(gamma, beta, mean, variance) of a BN layer, all away from the identity defaults."""
+  return (rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.2, channels),
+          rng.normal(0, 0.5, channels), rng.uniform(0.5, 2.0, channels))
+
+
+def assert_trees_equal(got, expected):
+  got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+  expected_leaves, expected_tree = jax.tree_util.tree_flatten(expected)
+  assert got_tree == expected_tree
+  for a, b in zip(got_leaves, expected_leaves):
+    assert a.dtype == np.float32 and a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping with numpy alone: our random variables -> torchvision state_dict -> from_torchvision.
+
+_TORCH_MODULES = {'stem_conv': 'features.conv0', 'stem_norm': 'features.norm0',
+                  'head_norm': 'features.norm5', 'classifier': 'classifier'}
+_TORCH_LEAVES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+                 'var': 'running_var'}
+
+
+def torch_key(path) -> str:
+  """torchvision's current name of one of our variables, path like ('params', 'block1', ...)."""
+  _, *module, leaf = path
+  joined = '/'.join(module)
+  if joined in _TORCH_MODULES:
+    name = _TORCH_MODULES[joined]
+  elif joined.startswith('block'):
+    block, layer, unit, op = module
+    number = 1 if unit == 'bottleneck' else 2
+    name = f'features.denseblock{block[5:]}.denselayer{layer[5:]}.{op}{number}'
+  else:
+    transition, _, op = module
+    name = f'features.transition{transition[10:]}.{op}'
+  return f'{name}.{_TORCH_LEAVES[leaf]}'
+
+
+def torchvision_state_dict(variables, legacy=False) -> dict:
+  """The inverse of from_torchvision, with num_batches_tracked counters like torch's."""
+  state_dict = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    path = tuple(k.key for k in path)
+    key = torch_key(path)
+    if path[-1] == 'kernel':
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    if legacy:  # norm1.weight -> norm.1.weight, as in torchvision's old .pth files
+      key = re.sub(r'\.(norm|conv)([12])\.(\w+)$', r'.\1.\2.\3', key)
+    state_dict[key] = value
+    if key.endswith('running_var'):
+      state_dict[key.replace('running_var', 'num_batches_tracked')] = np.array(1000, np.int64)
+  return state_dict
+
+
+def random_variables(name, rng):
+  shapes = models.init_shapes(models.create_model(name, num_classes=NUM_CLASSES), 224)
+  return jax.tree.map(
+      lambda s: np.abs(rng.normal(size=s.shape)).astype(np.float32), shapes)
+
+
+@pytest.mark.parametrize('name,legacy', [('densenet121', False), ('densenet121', True),
+                                         ('densenet161', True)])
+def test_from_torchvision_recovers_variables_from_numpy_state_dict(name, legacy):
+  variables = random_variables(name, np.random.default_rng(0))
+  state_dict = torchvision_state_dict(variables, legacy)
+  assert any('.norm.1.' in key for key in state_dict) == legacy
+  assert convert.torchvision_model_name(state_dict) == name
+  assert_trees_equal(convert.from_torchvision(state_dict), variables)
+
+
+def test_from_torchvision_rejects_foreign_state_dicts():
+  state_dict = torchvision_state_dict(random_variables('densenet121', np.random.default_rng(0)))
+  with pytest.raises(ValueError, match='does not use.*features.extra.weight'):
+    convert.from_torchvision({**state_dict, 'features.extra.weight': np.zeros(3)})
+  missing = {k: v for k, v in state_dict.items() if k != 'features.norm5.running_var'}
+  with pytest.raises(ValueError, match="lacks 'features.norm5.running_var'"):
+    convert.from_torchvision(missing)
+  shorter = {k: v for k, v in state_dict.items() if 'denseblock4.denselayer16.' not in k}
+  with pytest.raises(ValueError, match=r'block sizes \(6, 12, 24, 15\).*none of the named'):
+    convert.torchvision_model_name(shorter)
+  narrow = dict(state_dict)  # bottleneck 2k wide instead of 4k (torchvision's bn_size=2)
+  narrow['features.denseblock1.denselayer1.conv1.weight'] = np.zeros((64, 64, 1, 1), np.float32)
+  with pytest.raises(ValueError, match='do not fit densenet121.*block1.*bottleneck'):
+    convert.from_torchvision(narrow)
+  with pytest.raises(ValueError, match='not a torchvision DenseNet'):
+    convert.from_torchvision({'fc.weight': np.zeros((2, 2))})
+  with pytest.raises(ValueError, match='state_dict of type int'):
+    convert.from_torchvision(42)
+
+
+def test_load_pretrained_errors(tmp_path, monkeypatch):
+  with pytest.raises(ValueError, match="extension '.npz'; allowed: .pth"):
+    convert.load_pretrained(tmp_path / 'weights.npz')
+  monkeypatch.setitem(sys.modules, 'torch', None)  # as if torch were not installed
+  with pytest.raises(ImportError, match='needs PyTorch.*pip install torch'):
+    convert.load_pretrained(tmp_path / 'densenet121.pth')
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras
+
+def test_keras_epsilon_folded_into_variance():
+  """With variance 1e-6, epsilon 1e-5 vs 1.001e-5 changes BN outputs by ~4.5e-4 (relative)."""
+  keras = pytest.importorskip('keras')
+  rng = np.random.default_rng(0)
+  channels = 8
+  gamma, beta, mean, _ = random_norm(rng, channels)
+  weights = [w.astype(np.float32) for w in (gamma, beta, mean, np.full(channels, 1e-6))]
+  gamma, beta, mean, variance = [w.astype(np.float64) for w in weights]  # exactly Keras's values
+  layer = keras.layers.BatchNormalization(epsilon=1.001e-5)
+  layer.build((None, channels))
+  layer.set_weights(weights)
+  x = (mean + rng.normal(0, 3e-3, (64, channels))).astype(np.float32)
+
+  expected = np.asarray(layer(x, training=False))
+  formula = gamma * (x - mean) / np.sqrt(variance + 1.001e-5) + beta  # float64
+  scale = np.abs(formula).max()
+  # Keras's float32 x * inv + (beta - mean * inv) cancels digits: up to ~1e-5 * scale off.
+  keras_error = np.abs(expected - formula).max()
+  assert keras_error <= 2e-5 * scale
+
+  params, stats = convert.keras_batch_norm(layer)
+  norm = nn.BatchNorm(use_running_average=True, epsilon=models.BN_EPSILON)
+  ours = np.asarray(norm.apply({'params': params, 'batch_stats': stats}, x))
+  unfolded = np.asarray(norm.apply(
+      {'params': params, 'batch_stats': {'mean': stats['mean'], 'var': weights[3]}}, x))
+  error, skipped = np.abs(ours - formula).max(), np.abs(unfolded - formula).max()
+  print(f'BN var=1e-6, output scale {scale:.3g}: max |difference| from the formula: '
+        f'folded {error:.3g}, without the fold {skipped:.3g}, Keras itself {keras_error:.3g}')
+  assert error <= 1e-6 * scale
+  assert skipped >= 2e-4 * scale
+
+
+@pytest.fixture(scope='module')
+def keras_densenet121():
+  keras = pytest.importorskip('keras')
+  keras.utils.set_random_seed(0)
+  model = keras.applications.DenseNet121(
+      weights=None, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), classes=NUM_CLASSES,
+      classifier_activation=None)
+  rng = np.random.default_rng(1)
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.set_weights([w.astype(np.float32) for w in random_norm(rng, layer.gamma.shape[0])])
+  bias = model.get_layer('predictions').bias
+  bias.assign(rng.normal(0, 0.5, bias.shape).astype(np.float32))
+  return model
+
+
+def test_from_keras_gives_keras_logits(keras_densenet121):
+  model = keras_densenet121
+  images = random_images(np.random.default_rng(2))
+  expected = np.asarray(model(images, training=False))
+  assert convert.keras_model_name(model) == 'densenet121'
+  assert_same_logits('densenet121', convert.from_keras(model), images, expected)
+
+
+@pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's save
+def test_load_pretrained_reads_saved_keras_model(keras_densenet121, tmp_path):
+  path = tmp_path / 'densenet121.keras'
+  keras_densenet121.save(path)
+  name, variables = convert.load_pretrained(path)
+  assert name == 'densenet121'
+  assert_trees_equal(variables, convert.from_keras(keras_densenet121))
+
+
+def test_from_keras_rejects_other_models():
+  keras = pytest.importorskip('keras')
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+  with pytest.raises(ValueError, match='is not a keras.applications DenseNet'):
+    convert.from_keras(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision (skipped without torch and torchvision)
+
+def torchvision_densenet(name):
+  """A torchvision DenseNet in eval mode with random weights and random BN parameters/stats."""
+  if 'tensorflow' in sys.modules:
+    # torchvision imports triton (via torch._dynamo), which segfaults once TensorFlow is loaded
+    # (both bring LLVM). Eval on CPU does not use triton: hide it.
+    sys.modules.setdefault('triton', None)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import torchvision  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    pytest.skip(TORCH_SKIP)
+  torch.manual_seed(0)
+  model = getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
+  rng = np.random.default_rng(3)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        for tensor, value in zip(
+            (module.weight, module.bias, module.running_mean, module.running_var),
+            random_norm(rng, module.num_features)):
+          tensor.copy_(torch.from_numpy(value))
+    model.classifier.bias.normal_(0, 0.5)
+  return model.eval(), torch
+
+
+@pytest.mark.parametrize('name', ['densenet121', 'densenet161'])
+def test_from_torchvision_gives_torchvision_logits(name):
+  model, torch = torchvision_densenet(name)
+  images = random_images(np.random.default_rng(4))
+  with torch.no_grad():
+    expected = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  state_dict = model.state_dict()
+  assert any(key.endswith('num_batches_tracked') for key in state_dict)
+  assert convert.torchvision_model_name(state_dict) == name
+  assert_same_logits(name, convert.from_torchvision(state_dict), images, expected)
+
+
+def test_from_torchvision_reads_legacy_names_and_pth_files(tmp_path):
+  model, torch = torchvision_densenet('densenet121')
+  state_dict = model.state_dict()
+  legacy = {re.sub(r'\.(norm|conv)([12])\.(weight|bias|running_mean|running_var)$',
+                   r'.\1.\2.\3', key): value for key, value in state_dict.items()}
+  assert 'features.denseblock1.denselayer1.norm.1.weight' in legacy
+  expected = convert.from_torchvision(state_dict)
+  assert_trees_equal(convert.from_torchvision(legacy), expected)
+  path = tmp_path / 'densenet121-legacy.pth'
+  torch.save(legacy, path)
+  name, variables = convert.load_pretrained(path)
+  assert name == 'densenet121'
+  assert_trees_equal(variables, expected)
