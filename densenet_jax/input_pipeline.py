@@ -1,0 +1,444 @@
+"""tf.data input pipelines over tensorflow-datasets for the paper's datasets.
+
+Batches are numpy dicts laid out for `jax.pmap` over the local devices:
+  image  float32 [local_devices, per_device_batch, H, W, C]
+         (ImageNet 10-crop evaluation: [local_devices, per_device_batch, 10, H, W, C], the crops
+         in the order of `preprocessing.ten_crop`; average the logits over axis 2)
+  label  int32   [local_devices, per_device_batch]
+  mask   float32 [local_devices, per_device_batch]  (evaluation only; 0 marks padding)
+
+Data. `digits` is prepared on first use (offline); the others must be prepared in the tfds
+data_dir beforehand: `python -m densenet_jax.input_pipeline NAME --data_dir DIR` (ImageNet also
+needs its two tar files, see `_not_prepared_message`). TensorFlow never sees the GPUs (see
+`preprocessing`).
+
+Which examples. A split used here is a sequence of tfds slices (SVHN's training set is `train`
+then `extra`) with, for SVHN, a boolean mask over their concatenation (the validation hold-out).
+An example's index is its position in that concatenation, in tfds's file order (ImageNet's 16
+files are read in parallel, in an order that is as fixed but interleaved). The selected
+examples are divided among processes like `tfds.even_splits` divides a split (contiguous, sizes
+differing by at most one), but after the mask, so every process gets an equal share of the SVHN
+training set; each process reads only the tfds slice that holds its share.
+
+Determinism. The order of an epoch is a shuffle seeded by (seed, epoch) of the process's share
+(the whole share, except ImageNet: a buffer of IMAGENET_SHUFFLE_BUFFER examples), and every
+random augmentation takes the stateless key (seed, epoch, example index). Each epoch keeps its
+first num_train // global_batch_size batches. A run started at `start_step` skips the examples
+of the earlier steps of its epoch before decoding them, so it yields the batches an
+uninterrupted run yields (resuming mid-epoch reads, without decoding, the skipped examples).
+
+Hold-outs. CIFAR with `holdout_validation=True`: the last CIFAR_HOLDOUT examples of tfds's
+`train` (stored in random order) are the `validation` split. SVHN always holds out (paper):
+SVHN_HOLDOUT_PER_CLASS examples of each class from `train` and from `extra`, drawn with numpy's
+`default_rng(HOLDOUT_SEED)`; finding them reads every label once per process (cached in memory).
+"""
+
+import argparse
+import collections
+import dataclasses
+import functools
+import itertools
+from typing import Iterable, Iterator, Optional
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from densenet_jax import digits
+from densenet_jax import preprocessing as pp
+from densenet_jax.dataset_names import DATASETS
+CIFAR_STATS = {'cifar10': (pp.CIFAR10_MEAN, pp.CIFAR10_STD),
+               'cifar100': (pp.CIFAR100_MEAN, pp.CIFAR100_STD)}
+CIFAR_HOLDOUT = 5000
+SVHN_HOLDOUT_PER_CLASS = {'train': 400, 'extra': 200}
+HOLDOUT_SEED = 0
+IMAGENET_SHUFFLE_BUFFER = 16_384
+EVAL_RESIZE = pp.RESIZE_METHODS
+# Stored image shapes (ImageNet's vary; it is fed at CROP_SIZE).
+IMAGE_SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3), 'cifar100': (32, 32, 3),
+                'svhn_cropped': (32, 32, 3)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  image_shape: tuple  # (H, W, C) as fed to the model
+  num_train: int  # examples of the training set (after any hold-out)
+  num_eval: dict  # eval split name -> number of examples
+  eval_splits: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class _Subset:
+  slices: tuple  # ((tfds split, start, stop), ...) in reading order
+  size: int  # selected examples
+  svhn_held_out: Optional[bool] = None  # None: all of the slices; else the SVHN hold-out or not
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+  split: str  # tfds split string, e.g. 'train[0:36629]+extra[0:10]'
+  start: int  # index of its first example
+  size: int  # selected examples
+  mask: Optional[np.ndarray] = None  # selection over the slice; None: all
+
+
+def _check_name(name: str):
+  if name not in DATASETS:
+    raise ValueError(f'unknown dataset {name!r}; available: {", ".join(DATASETS)}')
+
+
+def _new_builder(name: str, data_dir: Optional[str]):
+  _check_name(name)
+  if name == 'digits':
+    return digits.Digits(data_dir=data_dir)
+  return tfds.builder(name, data_dir=data_dir)
+
+
+@functools.lru_cache(maxsize=None)
+def _builder(name: str, data_dir: Optional[str]):
+  """The prepared tfds builder; `digits` is prepared on first use, the others must be."""
+  builder = _new_builder(name, data_dir)
+  if not builder.is_prepared():
+    if name != 'digits':
+      raise FileNotFoundError(_not_prepared_message(name, builder))
+    builder.download_and_prepare()
+  return builder
+
+
+def _not_prepared_message(name, builder) -> str:
+  root = builder.data_dir_root
+  command = f'python -m densenet_jax.input_pipeline {name} --data_dir {root}'
+  if name == 'imagenet2012':
+    manual_dir = root / 'downloads' / 'manual'
+    return (f'imagenet2012 is not prepared in {root}. Download ILSVRC2012_img_train.tar (the '
+            f'1,000 per-class tars such as n01440764.tar) and ILSVRC2012_img_val.tar (50,000 '
+            f'JPEGs) from https://image-net.org/download-images, put both in {manual_dir}, then '
+            f'run: {command} --manual_dir {manual_dir}')
+  return (f'{name} is not prepared in {root}. On a machine with internet access run: {command} '
+          f'(it downloads the data), then copy {root / name} to this machine.')
+
+
+def prepare(name: str, data_dir: Optional[str] = None, manual_dir: Optional[str] = None):
+  """Downloads and prepares a dataset (digits: offline; imagenet2012: from manual_dir's tars)."""
+  builder = _new_builder(name, data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
+def _check_holdout(name: str, holdout_validation: bool):
+  if holdout_validation and name not in CIFAR_STATS and name != 'svhn_cropped':
+    raise ValueError(f'holdout_validation=True is not supported for {name!r}; only for '
+                     f'{", ".join(CIFAR_STATS)} (svhn_cropped always holds out its validation set)')
+
+
+def _subset(builder, name: str, split: str, holdout_validation: bool) -> _Subset:
+  sizes = {s: builder.info.splits[s].num_examples for s in builder.info.splits}
+  if name == 'svhn_cropped' and split in ('train', 'validation'):
+    slices = tuple((s, 0, sizes[s]) for s in SVHN_HOLDOUT_PER_CLASS)
+    held = builder.info.features['label'].num_classes * sum(SVHN_HOLDOUT_PER_CLASS.values())
+    total = sum(sizes[s] for s in SVHN_HOLDOUT_PER_CLASS)
+    validation = split == 'validation'
+    return _Subset(slices, held if validation else total - held, validation)
+  if holdout_validation and split in ('train', 'validation'):
+    cut = sizes['train'] - CIFAR_HOLDOUT
+    start, stop = (0, cut) if split == 'train' else (cut, sizes['train'])
+    return _Subset((('train', start, stop),), stop - start)
+  return _Subset(((split, 0, sizes[split]),), sizes[split])
+
+
+def _eval_splits(name: str, holdout_validation: bool) -> tuple:
+  if name == 'imagenet2012':
+    return ('validation',)
+  if name == 'svhn_cropped' or holdout_validation:
+    return ('validation', 'test')
+  return ('test',)
+
+
+def _image_shape(name: str, image_size: Optional[int]) -> tuple:
+  if image_size is not None and name != 'digits':
+    raise ValueError(f'image_size={image_size} is only supported for digits, not {name!r}')
+  if name == 'imagenet2012':
+    return (pp.CROP_SIZE, pp.CROP_SIZE, 3)
+  if image_size is not None:
+    return (image_size, image_size, IMAGE_SHAPES[name][2])
+  return IMAGE_SHAPES[name]
+
+
+def dataset_info(name: str, data_dir: Optional[str], *, holdout_validation: bool = False,
+                 image_size: Optional[int] = None) -> DatasetInfo:
+  """Sizes, classes and shapes of a prepared dataset (`digits` is prepared here if needed)."""
+  builder = _builder(name, data_dir)
+  _check_holdout(name, holdout_validation)
+  eval_splits = _eval_splits(name, holdout_validation)
+  return DatasetInfo(
+      name=name,
+      num_classes=builder.info.features['label'].num_classes,
+      image_shape=_image_shape(name, image_size),
+      num_train=_subset(builder, name, 'train', holdout_validation).size,
+      num_eval={s: _subset(builder, name, s, holdout_validation).size for s in eval_splits},
+      eval_splits=eval_splits,
+  )
+
+
+def _read(builder, name: str, shard: _Shard) -> tf.data.Dataset:
+  """The shard's examples in a fixed order: dict(image=encoded bytes, label=int32, index=int64).
+
+  Files are read one at a time (examples in tfds's order) except for ImageNet, whose 16 files
+  read in parallel give a different but equally fixed order.
+  """
+  read_config = (tfds.ReadConfig() if name == 'imagenet2012'
+                 else tfds.ReadConfig(interleave_cycle_length=1))
+  ds = builder.as_dataset(split=shard.split, shuffle_files=False, read_config=read_config,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  ds = ds.enumerate(shard.start)
+  if shard.mask is not None:
+    keep = tf.constant(shard.mask)
+    ds = ds.filter(lambda index, example: keep[index - shard.start])
+  return ds.map(lambda index, example: {
+      'image': example['image'], 'label': tf.cast(example['label'], tf.int32), 'index': index})
+
+
+@functools.lru_cache(maxsize=None)
+def _svhn_held_out(builder, per_class: tuple) -> np.ndarray:
+  """Boolean mask over SVHN's train + extra: `count` examples per class of each split."""
+  rng = np.random.default_rng(HOLDOUT_SEED)
+  masks = []
+  for split, count in per_class:
+    size = builder.info.splits[split].num_examples
+    labels = np.concatenate([
+        batch['label'] for batch in tfds.as_numpy(
+            _read(builder, 'svhn_cropped', _Shard(f'{split}[0:{size}]', 0, size)).batch(65_536))])
+    order = rng.permutation(size)
+    held = np.zeros(size, bool)
+    for label in range(builder.info.features['label'].num_classes):
+      chosen = order[labels[order] == label][:count]
+      if len(chosen) < count:
+        raise ValueError(f'svhn_cropped {split} has {len(chosen)} examples of class {label}, '
+                         f'fewer than the {count} to hold out')
+      held[chosen] = True
+    masks.append(held)
+  return np.concatenate(masks)
+
+
+def _shard(builder, subset: _Subset, process_index: int, process_count: int) -> _Shard:
+  """This process's contiguous share of the subset's selected examples."""
+  if subset.size < process_count:
+    raise ValueError(f'{subset.size} examples cannot be shared by {process_count} processes')
+  lo = subset.size * process_index // process_count
+  hi = subset.size * (process_index + 1) // process_count
+  mask = None
+  first, last = lo, hi
+  if subset.svhn_held_out is not None:
+    mask = _svhn_held_out(builder, tuple(SVHN_HOLDOUT_PER_CLASS.items()))
+    if not subset.svhn_held_out:
+      mask = ~mask
+    positions = np.flatnonzero(mask)
+    first, last = positions[lo], positions[hi - 1] + 1
+    mask = mask[first:last]
+  parts, offset = [], 0
+  for split, start, stop in subset.slices:
+    a, b = max(first - offset, 0), min(last - offset, stop - start)
+    if a < b:
+      parts.append(f'{split}[{start + a}:{start + b}]')
+    offset += stop - start
+  return _Shard('+'.join(parts), int(first), hi - lo, mask)
+
+
+def _epoch_seed(seed, epoch):
+  """An int64 that is a pure function of (seed, epoch)."""
+  key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+  return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+
+
+def example_preprocessor(name: str, *, train: bool, seed: int = 0, augment: bool = True,
+                         ten_crop: bool = False, eval_resize: str = 'bicubic',
+                         image_size: Optional[int] = None):
+  """fn(example) -> dict(image, label) for one example of `_read` (training: plus `epoch`).
+
+  digits: pixels / 16 (range [0, 1]), optional shifts, optional bilinear upscaling to
+  image_size; cifar: per-channel standardization, '+' augmentation; svhn_cropped: pixels / 255;
+  imagenet2012: fb.resnet.torch's training transform, or the evaluation resize + center crop.
+  """
+  _check_name(name)
+  if eval_resize not in EVAL_RESIZE:
+    raise ValueError(f'eval_resize {eval_resize!r} is not one of {EVAL_RESIZE}')
+  if ten_crop and name != 'imagenet2012':
+    raise ValueError(f'ten_crop is only for imagenet2012, not {name!r}')
+  if train and augment and name == 'svhn_cropped':
+    raise ValueError('svhn_cropped has no augmentation (as in the paper): pass augment=False')
+  augment = train and augment
+  shape = IMAGE_SHAPES.get(name)
+
+  def preprocess(example):
+    key = None
+    if augment:
+      key = tf.stack([_epoch_seed(seed, example['epoch']), example['index']])
+    if name == 'imagenet2012':
+      if augment:
+        image = pp.imagenet_train(example['image'], key)
+      else:
+        image = pp.imagenet_eval(example['image'], eval_resize, ten_crop)
+      return {'image': image, 'label': example['label']}
+    image = tf.io.decode_image(example['image'], channels=shape[2], expand_animations=False)
+    image = tf.ensure_shape(image, shape)
+    if name in CIFAR_STATS:
+      image = pp.standardize(image, *CIFAR_STATS[name])
+    else:
+      image = tf.cast(image, tf.float32) / (16 if name == 'digits' else 255)
+    if augment:
+      image = (pp.cifar_augment if name in CIFAR_STATS else pp.digits_augment)(image, key)
+    if image_size is not None:
+      image = tf.image.resize(image, [image_size, image_size], 'bilinear')
+    return {'image': image, 'label': example['label']}
+
+  return preprocess
+
+
+def _topology(global_batch_size, process_index, process_count, local_device_count):
+  """(process_index, process_count, local_device_count, per-process batch)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  local_device_count = (jax.local_device_count() if local_device_count is None
+                        else local_device_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
+  if global_batch_size % (process_count * local_device_count):
+    raise ValueError(f'global_batch_size {global_batch_size} is not a multiple of '
+                     f'{process_count} processes x {local_device_count} local devices')
+  return process_index, process_count, local_device_count, global_batch_size // process_count
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
+
+
+def _per_device(local_device_count: int):
+  def split(batch):
+    return {k: tf.reshape(v, tf.concat([[local_device_count, -1], tf.shape(v)[1:]], 0))
+            for k, v in batch.items()}
+  return split
+
+
+def create_train_iterator(name: str, *, data_dir: Optional[str], global_batch_size: int,
+                          seed: int, start_step: int = 0, augment: bool = True,
+                          holdout_validation: bool = False, process_index: Optional[int] = None,
+                          process_count: Optional[int] = None,
+                          local_device_count: Optional[int] = None,
+                          image_size: Optional[int] = None) -> Iterator[dict]:
+  """Infinite iterator of training batches, starting at `start_step`.
+
+  An epoch is num_train // global_batch_size steps (the remainder is dropped, a new order each
+  epoch). The batches from `start_step` on equal those of an uninterrupted run.
+  """
+  info = dataset_info(name, data_dir, holdout_validation=holdout_validation,
+                      image_size=image_size)
+  preprocess = example_preprocessor(name, train=True, seed=seed, augment=augment,
+                                    image_size=image_size)
+  process_index, process_count, devices, local_batch = _topology(
+      global_batch_size, process_index, process_count, local_device_count)
+  steps_per_epoch = info.num_train // global_batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'global_batch_size {global_batch_size} exceeds the {info.num_train} '
+                     f'training examples of {name}')
+  if start_step < 0:
+    raise ValueError(f'start_step {start_step} is negative')
+  builder = _builder(name, data_dir)
+  shard = _shard(builder, _subset(builder, name, 'train', holdout_validation), process_index,
+                 process_count)
+  examples = _read(builder, name, shard)
+  buffer_size = shard.size
+  if name == 'imagenet2012':
+    buffer_size = min(buffer_size, IMAGENET_SHUFFLE_BUFFER)
+
+  def epoch_examples(epoch):
+    shuffled = examples.shuffle(buffer_size, seed=_epoch_seed(seed, epoch),
+                                reshuffle_each_iteration=False)
+    return shuffled.take(steps_per_epoch * local_batch).map(
+        lambda example: dict(example, epoch=epoch))
+
+  start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+  ds = (tf.data.Dataset.counter(start_epoch).flat_map(epoch_examples)
+        .skip(step_in_epoch * local_batch)
+        .map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(local_batch, drop_remainder=True)
+        .map(_per_device(devices))
+        .prefetch(tf.data.AUTOTUNE))
+  return iter(tfds.as_numpy(ds.with_options(_options())))
+
+
+def create_eval_iterator(name: str, split: str, *, data_dir: Optional[str],
+                         global_batch_size: int, holdout_validation: bool = False,
+                         ten_crop: bool = False, eval_resize: str = 'bicubic',
+                         process_index: Optional[int] = None,
+                         process_count: Optional[int] = None,
+                         local_device_count: Optional[int] = None,
+                         image_size: Optional[int] = None) -> tuple[Iterable[dict], int]:
+  """(re-iterable batches, num_steps) covering this process's share of `split` once.
+
+  The last batches are padded with mask-0 examples so that every process runs num_steps steps.
+  """
+  info = dataset_info(name, data_dir, holdout_validation=holdout_validation,
+                      image_size=image_size)
+  if split not in info.eval_splits:
+    raise ValueError(f'split {split!r} is not an eval split of {name}: {info.eval_splits}')
+  preprocess = example_preprocessor(name, train=False, ten_crop=ten_crop,
+                                    eval_resize=eval_resize, image_size=image_size)
+  process_index, process_count, devices, local_batch = _topology(
+      global_batch_size, process_index, process_count, local_device_count)
+  builder = _builder(name, data_dir)
+  shard = _shard(builder, _subset(builder, name, split, holdout_validation), process_index,
+                 process_count)
+  num_steps = -(-(-(-info.num_eval[split] // process_count)) // local_batch)
+  examples = _read(builder, name, shard)
+  if shard.mask is not None:
+    examples = examples.cache()  # the SVHN hold-out: read the large splits only once
+  ds = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).map(
+      lambda example: dict(example, mask=tf.constant(1.0)))
+  padding = tf.data.Dataset.from_tensors(
+      {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()})
+  ds = (ds.concatenate(padding.repeat(num_steps * local_batch - shard.size))
+        .batch(local_batch)
+        .map(_per_device(devices))
+        .prefetch(tf.data.AUTOTUNE))
+  return tfds.as_numpy(ds.with_options(_options())), num_steps
+
+
+def prefetch_to_device(iterator: Iterable[dict], size: int = 2,
+                       devices: Optional[list] = None) -> Iterator[dict]:
+  """Copies batches ahead onto the local devices as arrays `jax.pmap` takes without a copy.
+
+  Each array is sharded along its leading (device) axis over a 1-D mesh of `devices`.
+  """
+  devices = jax.local_devices() if devices is None else devices
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ('batch',)),
+                                        jax.sharding.PartitionSpec('batch'))
+  iterator = iter(iterator)
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(iterator, n):
+      queue.append(jax.tree.map(lambda x: jax.device_put(x, sharding), batch))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=prepare.__doc__)
+  parser.add_argument('name', choices=DATASETS)
+  parser.add_argument('--data_dir', default=None, help='tfds data_dir (default: tfds default)')
+  parser.add_argument('--manual_dir', default=None, help='imagenet2012: folder of its two tars '
+                      '(default: DATA_DIR/downloads/manual)')
+  args = parser.parse_args()
+  prepare(args.name, args.data_dir, args.manual_dir)
+
+
+if __name__ == '__main__':
+  main()

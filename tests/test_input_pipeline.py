@@ -1,0 +1,290 @@
+"""The tf.data pipelines on tiny real tfds datasets built offline in a temporary data_dir.
+
+Images of the CIFAR and SVHN fixtures carry their example id in pixel (0, 0) (see
+tfds_fixtures), so the tests follow every example through sharding, shuffling and padding.
+"""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from sklearn import datasets
+import tensorflow_datasets as tfds
+
+from densenet_jax import input_pipeline as ip
+import tfds_fixtures
+
+CIFAR10_TRAIN, CIFAR10_TEST = np.arange(64), np.arange(1000, 1061)  # 61: uneven shards
+SVHN_TRAIN, SVHN_EXTRA, SVHN_TEST = np.arange(60), np.arange(100, 140), np.arange(200, 230)
+SMALL_HOLDOUTS = {'CIFAR_HOLDOUT': 16, 'SVHN_HOLDOUT_PER_CLASS': {'train': 2, 'extra': 1}}
+# The facts sheet's per-channel (mean, std) on the 0..255 scale.
+CIFAR_STATS = {'cifar10': ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
+               'cifar100': ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4))}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('tfds')
+  tfds_fixtures.store('cifar10', root, {'train': (CIFAR10_TRAIN, CIFAR10_TRAIN % 10),
+                                        'test': (CIFAR10_TEST, CIFAR10_TEST % 10)})
+  tfds_fixtures.store('cifar100', root, {'train': (np.arange(40), np.arange(40) * 2),
+                                         'test': (np.arange(40, 60), np.arange(20) * 5)})
+  tfds_fixtures.store('svhn_cropped', root, {'train': (SVHN_TRAIN, SVHN_TRAIN % 10),
+                                             'extra': (SVHN_EXTRA, SVHN_EXTRA % 10),
+                                             'test': (SVHN_TEST, SVHN_TEST % 10)})
+  tfds_fixtures.build_imagenet(root, root / 'manual')
+  return str(root)
+
+
+@pytest.fixture(autouse=True)
+def small_holdouts(monkeypatch):
+  for name, value in SMALL_HOLDOUTS.items():
+    monkeypatch.setattr(ip, name, value)
+
+
+def ids(batch, name='cifar10'):
+  """Example ids of a batch, flattened over devices (CIFAR: un-standardized, SVHN: * 255)."""
+  images = batch['image'].reshape((-1,) + batch['image'].shape[2:])
+  if name in CIFAR_STATS:
+    mean, std = CIFAR_STATS[name]
+    images = images * np.array(std) + np.array(mean)
+  else:
+    images = images * 255
+  return tfds_fixtures.decode_ids(images)
+
+
+def take(iterator, n):
+  return list(itertools.islice(iterator, n))
+
+
+def eval_ids(name, split, process_count, **kwargs):
+  """Ids seen (mask 1) by all the processes, and each process's number of steps."""
+  seen, steps = [], []
+  for process in range(process_count):
+    batches, num_steps = ip.create_eval_iterator(
+        name, split, process_index=process, process_count=process_count, **kwargs)
+    batches = list(batches)
+    assert len(batches) == num_steps
+    steps.append(num_steps)
+    for batch in batches:
+      mask = batch['mask'].reshape(-1)
+      assert set(np.unique(mask)) <= {0.0, 1.0}
+      assert (batch['image'].reshape(len(mask), -1)[mask == 0] == 0).all()
+      seen.append(ids(batch, name)[mask == 1])
+  return np.concatenate(seen), steps
+
+
+def test_dataset_info(data_dir):
+  info = ip.dataset_info('cifar10', data_dir)
+  assert info == ip.DatasetInfo('cifar10', 10, (32, 32, 3), 64, {'test': 61}, ('test',))
+  info = ip.dataset_info('cifar10', data_dir, holdout_validation=True)
+  assert (info.num_train, info.num_eval) == (48, {'validation': 16, 'test': 61})
+  assert ip.dataset_info('cifar100', data_dir).num_classes == 100
+  info = ip.dataset_info('svhn_cropped', data_dir)
+  assert (info.num_train, info.num_eval) == (70, {'validation': 30, 'test': 30})
+  assert info.eval_splits == ('validation', 'test')
+  info = ip.dataset_info('imagenet2012', data_dir)
+  assert info == ip.DatasetInfo('imagenet2012', 1000, (224, 224, 3), 12, {'validation': 6},
+                                ('validation',))
+
+
+def test_errors_name_what_is_wrong_and_how_to_fix_it(data_dir, tmp_path):
+  with pytest.raises(ValueError, match="'mnist'; available: digits, cifar10, cifar100"):
+    ip.dataset_info('mnist', data_dir)
+  with pytest.raises(FileNotFoundError) as error:
+    ip.dataset_info('imagenet2012', str(tmp_path))
+  message = str(error.value)
+  for part in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar',
+               str(tmp_path / 'downloads' / 'manual'),
+               f'python -m densenet_jax.input_pipeline imagenet2012 --data_dir {tmp_path}'):
+    assert part in message
+  with pytest.raises(FileNotFoundError, match='python -m densenet_jax.input_pipeline cifar10'):
+    ip.dataset_info('cifar10', str(tmp_path))
+  with pytest.raises(ValueError, match='holdout_validation'):
+    ip.dataset_info('imagenet2012', data_dir, holdout_validation=True)
+  with pytest.raises(ValueError, match='ten_crop'):
+    ip.create_eval_iterator('cifar10', 'test', data_dir=data_dir, global_batch_size=8,
+                            ten_crop=True)
+  with pytest.raises(ValueError, match='augment=False'):
+    ip.create_train_iterator('svhn_cropped', data_dir=data_dir, global_batch_size=8, seed=0)
+  with pytest.raises(ValueError, match='not a multiple of 2 processes x 8 local devices'):
+    ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=24, seed=0,
+                             process_index=0, process_count=2)
+  with pytest.raises(ValueError, match="split 'validation'"):
+    ip.create_eval_iterator('cifar10', 'validation', data_dir=data_dir, global_batch_size=8)
+
+
+def test_cifar_train_batches(data_dir):
+  batch = next(ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=16,
+                                        seed=0))
+  assert batch['image'].shape == (8, 2, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (8, 2) and batch['label'].dtype == np.int32
+  mean, std = CIFAR_STATS['cifar10']
+  low, high = (0 - np.array(mean)) / std, (255 - np.array(mean)) / std
+  assert (batch['image'] >= low - 1e-5).all() and (batch['image'] <= high + 1e-5).all()
+  assert (batch['image'] == 0).all(axis=-1).any()  # zero padding of the random crops
+  plain = next(ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=16,
+                                        seed=0, augment=False))
+  np.testing.assert_array_equal(ids(plain) % 10, plain['label'].reshape(-1))
+
+
+def test_cifar100_pipelines(data_dir):
+  batch = next(ip.create_train_iterator('cifar100', data_dir=data_dir, global_batch_size=16,
+                                        seed=0, augment=False))
+  np.testing.assert_array_equal(ids(batch, 'cifar100') * 2, batch['label'].reshape(-1))
+  seen, steps = eval_ids('cifar100', 'test', 1, data_dir=data_dir, global_batch_size=16)
+  np.testing.assert_array_equal(np.sort(seen), np.arange(40, 60))
+  assert steps == [2]
+
+
+def test_order_is_a_function_of_seed_and_epoch(data_dir):
+  def epochs(seed):  # 64 examples, 4 steps of 16 per epoch
+    iterator = ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=16,
+                                        seed=seed, augment=False)
+    return [np.concatenate([ids(b) for b in take(iterator, 4)]) for _ in range(3)]
+  first = epochs(seed=1)
+  for epoch, again in zip(first, epochs(seed=1)):
+    np.testing.assert_array_equal(epoch, again)
+    np.testing.assert_array_equal(np.sort(epoch), CIFAR10_TRAIN)  # a permutation per epoch
+  assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
+  assert not np.array_equal(first[0], epochs(seed=2)[0])
+
+
+@pytest.mark.parametrize('name, batch_size, start_steps, kwargs', [
+    # 48 examples, 3 steps an epoch: resume inside the first epoch and at the second's start
+    ('cifar10', 16, (2, 3), {'holdout_validation': True}),
+    # 12 examples, 3 steps an epoch: resume inside the second epoch
+    ('imagenet2012', 4, (4,), {'local_device_count': 2}),
+])
+def test_resume_at_start_step_yields_the_uninterrupted_batches(data_dir, name, batch_size,
+                                                               start_steps, kwargs):
+  def stream(start_step, n):
+    return take(ip.create_train_iterator(name, data_dir=data_dir, global_batch_size=batch_size,
+                                         seed=3, start_step=start_step, **kwargs), n)
+  uninterrupted = stream(0, 5)
+  for start_step in start_steps:
+    for resumed, expected in zip(stream(start_step, 5 - start_step), uninterrupted[start_step:]):
+      for key in ('image', 'label'):
+        np.testing.assert_array_equal(resumed[key], expected[key])
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_train_shards_of_processes_are_disjoint_and_cover_the_split(data_dir, process_count):
+  per_process = []
+  for process in range(process_count):
+    iterator = ip.create_train_iterator(
+        'cifar10', data_dir=data_dir, global_batch_size=16, seed=0, augment=False,
+        process_index=process, process_count=process_count, local_device_count=2)
+    per_process.append(np.concatenate([ids(b) for b in take(iterator, 4)]))  # one epoch
+  assert all(len(p) == 64 // process_count for p in per_process)
+  np.testing.assert_array_equal(np.sort(np.concatenate(per_process)), CIFAR10_TRAIN)
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 4])
+def test_eval_sees_every_example_once_and_processes_run_equal_steps(data_dir, process_count):
+  seen, steps = eval_ids('cifar10', 'test', process_count, data_dir=data_dir,
+                         global_batch_size=8, local_device_count=2)
+  np.testing.assert_array_equal(np.sort(seen), CIFAR10_TEST)
+  # ceil(ceil(61 / processes) / (8 / processes)): 8 steps for 61, 31 + 30 or 16 + 3 x 15
+  assert steps == [8] * process_count
+
+
+def test_cifar_holdout_is_the_last_examples_of_train(data_dir):
+  builder = tfds.builder('cifar10', data_dir=data_dir)
+  last = tfds.as_numpy(builder.as_dataset(split='train[-16:]', batch_size=-1))['image']
+  seen, _ = eval_ids('cifar10', 'validation', 2, data_dir=data_dir, global_batch_size=8,
+                     holdout_validation=True, local_device_count=2)
+  np.testing.assert_array_equal(np.sort(seen), np.sort(tfds_fixtures.decode_ids(last)))
+  iterator = ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=16,
+                                      seed=0, augment=False, holdout_validation=True)
+  train = np.concatenate([ids(b) for b in take(iterator, 3)])
+  np.testing.assert_array_equal(np.sort(np.concatenate([train, seen])), CIFAR10_TRAIN)
+
+
+def test_svhn_holds_out_per_class_from_train_and_extra(data_dir):
+  validation, _ = eval_ids('svhn_cropped', 'validation', 1, data_dir=data_dir,
+                           global_batch_size=8, local_device_count=1)
+  from_train, from_extra = validation[validation < 100], validation[validation >= 100]
+  assert np.bincount(from_train % 10).tolist() == [2] * 10
+  assert np.bincount(from_extra % 10).tolist() == [1] * 10
+  sharded, steps = eval_ids('svhn_cropped', 'validation', 2, data_dir=data_dir,
+                            global_batch_size=8, local_device_count=1)
+  np.testing.assert_array_equal(np.sort(sharded), np.sort(validation))
+  assert steps == [4, 4]
+  train = []
+  for process in range(2):  # 70 training examples: one epoch of 5 steps of 14
+    iterator = ip.create_train_iterator(
+        'svhn_cropped', data_dir=data_dir, global_batch_size=14, seed=0, augment=False,
+        process_index=process, process_count=2, local_device_count=1)
+    batches = take(iterator, 5)
+    assert all((b['image'] >= 0).all() and (b['image'] <= 1).all() for b in batches)
+    train.append(np.concatenate([ids(b, 'svhn_cropped') for b in batches]))
+  assert len(train[0]) == len(train[1]) == 35
+  everything = np.concatenate(train + [validation])
+  np.testing.assert_array_equal(np.sort(everything), np.concatenate([SVHN_TRAIN, SVHN_EXTRA]))
+  test, _ = eval_ids('svhn_cropped', 'test', 1, data_dir=data_dir, global_batch_size=8,
+                     local_device_count=1)
+  np.testing.assert_array_equal(np.sort(test), SVHN_TEST)
+
+
+def test_imagenet_pipelines(data_dir):
+  builder = tfds.builder('imagenet2012', data_dir=data_dir)
+  expected = np.sort(tfds.as_numpy(builder.as_dataset(split='validation', batch_size=-1))['label'])
+  batch = next(ip.create_train_iterator('imagenet2012', data_dir=data_dir, global_batch_size=4,
+                                        seed=0, local_device_count=2))
+  assert batch['image'].shape == (2, 2, 224, 224, 3) and batch['image'].dtype == np.float32
+  assert set(batch['label'].reshape(-1)) <= {0, 1, 2}
+  kwargs = {'data_dir': data_dir, 'global_batch_size': 4, 'local_device_count': 2}
+  batches, steps = ip.create_eval_iterator('imagenet2012', 'validation', **kwargs)
+  first, again = list(batches), list(batches)
+  assert steps == len(first) == 2 and first[0]['image'].shape == (2, 2, 224, 224, 3)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  labels = np.concatenate([b['label'][b['mask'] == 1] for b in first])
+  np.testing.assert_array_equal(np.sort(labels), expected)
+  ten, _ = ip.create_eval_iterator('imagenet2012', 'validation', ten_crop=True, **kwargs)
+  ten = list(ten)
+  assert ten[0]['image'].shape == (2, 2, 10, 224, 224, 3)
+  for single, crops in zip(first, ten):
+    np.testing.assert_array_equal(crops['image'][:, :, 0], single['image'])
+    np.testing.assert_array_equal(crops['mask'], single['mask'])
+  bilinear, _ = ip.create_eval_iterator('imagenet2012', 'validation', eval_resize='bilinear',
+                                        **kwargs)
+  assert not np.array_equal(next(iter(bilinear))['image'], first[0]['image'])
+
+
+def test_prefetch_to_device_feeds_pmap(data_dir):
+  def batches():
+    return ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=16, seed=0)
+  expected = take(batches(), 3)
+  device_batches = list(ip.prefetch_to_device(take(batches(), 3), size=2))
+  assert len(device_batches) == 3
+  total = jax.pmap(lambda b: (b['image'].sum(), b['label'] + 1))
+  for host, device in zip(expected, device_batches):
+    assert isinstance(device['image'], jax.Array)
+    assert len(device['image'].sharding.device_set) == 8
+    sums, labels = total(device)
+    np.testing.assert_allclose(sums, host['image'].sum(axis=(1, 2, 3, 4)), rtol=1e-5)
+    np.testing.assert_array_equal(labels, host['label'] + 1)
+
+
+def test_digits_prepares_offline_with_a_stratified_split(tmp_path):
+  data_dir = str(tmp_path)
+  info = ip.dataset_info('digits', data_dir)
+  assert info == ip.DatasetInfo('digits', 10, (8, 8, 1), 1437, {'test': 360}, ('test',))
+  batches, steps = ip.create_eval_iterator('digits', 'test', data_dir=data_dir,
+                                           global_batch_size=128, local_device_count=1)
+  batches = list(batches)
+  assert steps == len(batches) == 3
+  mask = np.concatenate([b['mask'].reshape(-1) for b in batches]) == 1
+  labels = np.concatenate([b['label'].reshape(-1) for b in batches])[mask]
+  images = np.concatenate([b['image'].reshape(-1, 8, 8, 1) for b in batches])[mask]
+  all_labels = datasets.load_digits().target
+  assert np.abs(np.bincount(labels) - 360 * np.bincount(all_labels) / 1797).max() <= 1
+  assert images.min() == 0 and images.max() == 1
+  np.testing.assert_array_equal(images * 16, np.rint(images * 16))  # pixels / 16
+  upscaled = next(ip.create_train_iterator('digits', data_dir=data_dir, global_batch_size=16,
+                                           seed=0, image_size=32))
+  assert upscaled['image'].shape == (8, 2, 32, 32, 1)
+  assert ip.dataset_info('digits', data_dir, image_size=32).image_shape == (32, 32, 1)
