@@ -5,6 +5,10 @@
 The dataset (1,437 train / 360 test images, 10 classes) is prepared from scikit-learn's copy on
 first use. DenseNet-BC, L=22 (3 bottleneck layers a block), k=12, on the 8x8 images upscaled to
 16x16, random 1-pixel shifts; 30 epochs of batch 64 with the paper's optimizer and schedule.
+
+Measured on a 2-core CPU (2026-11-28, fresh data_dir and compilation cache each run, other jobs
+loading the machine): final test accuracy 99.44% / 99.72% / 99.44% for seeds 0 / 1 / 2 (median
+99.44%), 4.5 / 5.9 / 7.7 minutes from the command's start to its end.
 """
 
 from configs import common
