@@ -356,6 +356,9 @@ def create_train_iterator(name: str, *, data_dir: Optional[str], global_batch_si
     buffer_size = min(buffer_size, IMAGENET_SHUFFLE_BUFFER)
 
   def epoch_examples(epoch):
+    # A global TF seed (tf.random.set_seed, keras.utils.set_random_seed) would otherwise enter
+    # the shuffle's seeds (and a global seed of 0 breaks a tensor seed): ignore it here.
+    tf.compat.v1.get_default_graph().seed = None
     shuffled = examples.shuffle(buffer_size, seed=_epoch_seed(seed, epoch),
                                 reshuffle_each_iteration=False)
     return shuffled.take(steps_per_epoch * local_batch).map(

@@ -9,6 +9,7 @@ import itertools
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 from sklearn import datasets
 import tensorflow_datasets as tfds
 
@@ -149,6 +150,12 @@ def test_order_is_a_function_of_seed_and_epoch(data_dir):
     np.testing.assert_array_equal(np.sort(epoch), CIFAR10_TRAIN)  # a permutation per epoch
   assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
   assert not np.array_equal(first[0], epochs(seed=2)[0])
+  for global_seed in (0, 1234):  # TensorFlow's global seed plays no part
+    tf.random.set_seed(global_seed)
+    try:
+      np.testing.assert_array_equal(epochs(seed=1)[1], first[1])
+    finally:
+      tf.random.set_seed(None)
 
 
 @pytest.mark.parametrize('name, batch_size, start_steps, kwargs', [
