@@ -6,13 +6,20 @@
   python main.py --config=configs/cifar.py:densenet40_k12,c10+ --config.model.growth_rate=24
 
 Multi-process (several hosts, or one process per GPU): every process runs the same command;
-jax.distributed.initialize() is called when --coordinator_address is given or the cluster
-environment (SLURM, Open MPI, Cloud TPU pod) announces more than one process.
+jax.distributed.initialize() is called when --coordinator_address or --distributed is given or
+the cluster environment (SLURM, Open MPI, Cloud TPU pod) announces more than one process.
+
+Exit status: 0 done; 2 bad command line or config (one line on stderr, in seconds, before
+TensorFlow is imported or anything compiled); 1 a run that cannot go on (dataset not prepared,
+workdir not writable, non-finite loss, ...: one line on stderr); 128 + N stopped by signal N
+(SIGTERM, SIGINT) after checkpointing its last step: the same command resumes it exactly.
 """
 
 import datetime
 import logging as std_logging
 import os
+import re
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # before TensorFlow loads: no INFO banners
 
@@ -26,16 +33,15 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs and results.
                     'default: a new directory under runs/. An existing workdir is resumed.')
 flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'], 'Train (and evaluate), or evaluate '
                   'the best checkpoint of --workdir (or config.init_from).')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with the settings '
+                  'JAX detects (Cloud TPU pod, SLURM, Open MPI) even where main.py sees no '
+                  'multi-process cluster in the environment.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process '
                     'runs without a cluster environment that JAX detects.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
 flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
 flags.DEFINE_string('compilation_cache_dir', os.path.expanduser('~/.cache/densenet_jax/xla'),
                     'Persistent XLA compilation cache, so a restarted run does not recompile.')
-
-CLUSTER_ENV = {'SLURM_NTASKS': 'SLURM', 'OMPI_COMM_WORLD_SIZE': 'Open MPI',
-               'TPU_WORKER_HOSTNAMES': 'Cloud TPU pod'}
-
 
 def _is_multiprocess_cluster() -> bool:
   for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
@@ -44,44 +50,114 @@ def _is_multiprocess_cluster() -> bool:
   return len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Drops orbax's per-checkpoint INFO lines; its warnings and errors still show."""
+class _QuietLibraries(std_logging.Filter):
+  """Drops orbax's per-checkpoint INFO lines and JAX's report of each backend it probes (e.g.
+  "Unable to initialize backend 'tpu'"). Warnings and errors of orbax and asyncio keep their
+  message but lose their stack trace: a failed checkpoint write or read is reported in one
+  line, with its cause, when train.py raises."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    library = '/orbax/' in record.pathname or record.name == 'asyncio'
+    if record.levelno < std_logging.WARNING:
+      return not (library or record.pathname.endswith('xla_bridge.py'))
+    if library:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _unraisable(unraisable):
+  """After orbax gives up on a failed read or write, tensorstore still calls back into the
+  asyncio loop that orbax closed; those echoes of an error already reported are dropped."""
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed'):
+    sys.__unraisablehook__(unraisable)
+
+
+def _fail(message: str, exit_code: int = 1):
+  """Ends the run with one line on stderr: no traceback for a problem the user has to fix."""
+  sys.stderr.write(f'main.py: error: {message}\n')
+  sys.exit(exit_code)
+
+
+def _config_arg(argv):
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _flag_error(error: Exception, argv) -> str:
+  """One line for a command line that cannot be parsed."""
+  message = str(error).strip()
+  if '\n' in message:  # the config file is missing or raised: the last line says why
+    return f'--config={_config_arg(argv)}: {message.splitlines()[-1].strip()}'
+  if isinstance(error, (KeyError, AttributeError)):  # an override of a field that does not exist
+    from densenet_jax import config_validation
+    config = FLAGS['config'].parser.parse(_config_arg(argv))
+    for arg in argv:
+      if arg.startswith('--config.'):
+        reason = config_validation.unknown_field(config, arg[len('--config.'):].split('=')[0])
+        if reason:
+          return f'{arg}: {reason}'
+  match = re.match(r'flag (--(config\.[\w.]+)=.*?): ', message)
+  if match and match.group(2) in FLAGS:  # an override of the wrong type
+    return f'{match.group(1)}: expected {FLAGS[match.group(2)].parser.flag_type()} ({message})'
+  return ' '.join(message.split())
+
+
+def _parse_flags(argv):
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config.keys()  # a config file that failed to load raises only when first used
+    return remaining
+  except Exception as e:  # pylint: disable=broad-except  (config files raise anything)
+    _fail(_flag_error(e, argv), exit_code=2)
 
 
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _unraisable
   import jax  # after flag parsing, so --help is fast
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif _is_multiprocess_cluster():
+  elif FLAGS.distributed or _is_multiprocess_cluster():
     jax.distributed.initialize()
   jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
   config = FLAGS.config
+  from densenet_jax import config_validation  # no TensorFlow: a bad config fails in seconds
+  try:
+    config_validation.validate(config, jax.device_count())
+  except config_validation.ConfigError as e:
+    _fail(str(e), exit_code=2)
   workdir = FLAGS.workdir
   if workdir is None:
     if jax.process_count() > 1:
-      raise app.UsageError('multi-process runs need an explicit --workdir shared by all '
-                           'processes')
+      _fail('multi-process runs need an explicit --workdir shared by all processes', 2)
     path, _, arg = config_flags.get_config_filename(FLAGS['config']).partition(':')
     name = '-'.join(filter(None, [os.path.splitext(os.path.basename(path))[0],
                                   arg.replace(',', '-')]))
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     workdir = os.path.join('runs', f'{name}_{stamp}')
-  from densenet_jax import train  # imports TensorFlow (input pipeline)
+  from densenet_jax import checkpoints, train  # imports TensorFlow (input pipeline)
   logging.info('workdir: %s; %d process(es), %d devices (%s).', workdir, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
-  if FLAGS.mode == 'train':
-    train.train_and_evaluate(config, workdir)
-  else:
-    train.evaluate(config, workdir)
+  try:
+    if FLAGS.mode == 'train':
+      train.train_and_evaluate(config, workdir)
+    else:
+      train.evaluate(config, workdir)
+  except train.Interrupted as e:
+    logging.warning('%s', e)
+    sys.exit(128 + e.signum)  # the status of a process ended by that signal
+  except (train.RunError, checkpoints.CheckpointError) as e:
+    _fail(str(e))
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

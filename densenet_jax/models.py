@@ -8,9 +8,10 @@ channel concatenation of its inputs (`BNReLUConv`):
   transition      = BNReLUConv(1x1, floor(theta * m)) -> AvgPool 2x2/2     (theta < 1: -C)
 
 Layer order, init, BN constants and paddings follow ../shared/reference/densenet-facts.md.
-With `memory_efficient=True` the concatenation, BN, ReLU and conv of each unit are recomputed in
-the backward pass (`nn.remat`), so only each layer's k-channel output is kept for the backward
-pass and activation memory grows linearly, not quadratically, with depth.
+With `memory_efficient=True` each unit runs under `nn.remat`: its concatenation, BN and ReLU are
+recomputed in the backward pass, so the backward pass keeps only the conv outputs (k channels per
+layer, plus the 4k-channel bottleneck output in -B models) and activation memory grows linearly,
+not quadratically, with depth. Parameters, outputs, gradients and BN statistics are unchanged.
 """
 
 import functools
@@ -31,6 +32,18 @@ BN_MOMENTUM = 0.9
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # Torch's nn.Linear default U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the bias is zeroed.
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def save_only_reductions(prim, *_, **__) -> bool:
+  """Remat policy of the memory-efficient mode: save the per-channel sums of BN, nothing else.
+
+  No full-size intermediate is kept (recomputing concat-BN-ReLU is cheap elementwise work), but
+  BN's batch sums cost only O(channels) to keep, while recomputing them would read the whole
+  concatenation once more per unit and, with `axis_name`, repeat BN's cross-device all-reduce in
+  the backward pass, as `nothing_saveable` does.
+  """
+  return prim.name in ('reduce_sum', 'psum', 'psum_invariant')
+
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 STEMS = ('cifar', 'imagenet')
@@ -159,7 +172,7 @@ class DenseNet(nn.Module):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
                              epsilon=BN_EPSILON, dtype=dtype, axis_name=self.axis_name)
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=dtype)
-    unit_cls = (nn.remat(BNReLUConv, policy=jax.checkpoint_policies.nothing_saveable)
+    unit_cls = (nn.remat(BNReLUConv, policy=save_only_reductions)
                 if self.memory_efficient else BNReLUConv)
     unit = functools.partial(unit_cls, norm=norm, conv=conv, dropout_rate=self.dropout_rate,
                              deterministic=not train)
@@ -301,6 +314,28 @@ def count_multiply_adds(model: DenseNet, image_size: int) -> int:
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x).jaxpr
   return _multiply_adds(jaxpr)
+
+
+def saved_activation_bytes(model: DenseNet, image_size: int, batch_size: int) -> int:
+  """Bytes that a training forward pass saves for its backward pass, read off the jaxpr.
+
+  The distinct residuals of `jax.vjp` with respect to the parameters, less the variables and
+  the images themselves: the activation memory a memory-efficient mode is meant to cut, on any
+  backend (nothing is compiled; XLA:CPU may still undo remat, see docs/performance.md).
+  """
+  variables = init_shapes(model, image_size)
+  x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
+
+  def residuals(params, batch_stats, x, rng):
+    def forward(params):
+      return model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                         mutable=['batch_stats'], rngs={'dropout': rng})
+    return jax.vjp(forward, params)[1]
+
+  jaxpr = jax.make_jaxpr(residuals)(variables['params'], variables['batch_stats'], x,
+                                    jax.random.key(0)).jaxpr
+  saved = {v for v in jaxpr.outvars if isinstance(v, jax.extend.core.Var)} - set(jaxpr.invars)
+  return sum(v.aval.size * v.aval.dtype.itemsize for v in saved)
 
 
 def _multiply_adds(jaxpr) -> int:

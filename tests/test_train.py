@@ -9,7 +9,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=configs/digits.py', '--config.model.depth=10', '--config.model.growth_rate=6',
-        '--config.image_size=8', '--config.batch_size=64', '--config.log_every_steps=10']
+        '--config.image_size=8', '--config.batch_size=64', '--config.log_every_steps=10',
+        '--config.lr_decay_epochs=(0.5, 0.75)']
 
 
 def run_main(args, num_devices, data_dir, timeout=300):

@@ -1,0 +1,126 @@
+"""Bad input fails fast, before TensorFlow is imported or anything compiled, in one line that
+names the field, the value and what is allowed; a missing dataset says how to prepare it."""
+
+import os
+import subprocess
+import sys
+import time
+
+import ml_collections
+import pytest
+
+from configs import cifar, digits
+from densenet_jax import config_validation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = '--config=configs/digits.py'
+
+
+def run_main(args, timeout=60):
+  """(exit status, stderr lines, seconds) of main.py on 8 CPU devices."""
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='8')
+  start = time.time()
+  proc = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env, text=True,
+                        capture_output=True, timeout=timeout)
+  return proc.returncode, proc.stderr.strip().splitlines(), time.time() - start
+
+
+@pytest.mark.parametrize('args,message', [
+    ([DIGITS, '--config.model.name=densenet7'],
+     "config.model: model 'densenet7' is unknown; available models: densenet40_k12, "),
+    ([DIGITS, '--config.dataset=mnist'],
+     "config.dataset='mnist': allowed datasets are digits, cifar10, cifar100, svhn_cropped, "
+     'imagenet2012'),
+    ([DIGITS, '--config.model.depth=41'],
+     'config.model: depth=41 is not a CIFAR/SVHN DenseNet with bottleneck (-B/-BC): allowed '
+     'depths are L >= 10 with (L - 4) divisible by 6'),
+    ([DIGITS, '--config.model.growth_rate=0'],
+     'config.model: growth_rate=0: the growth rate k must be an integer >= 1'),
+    ([DIGITS, '--config.model.compression=1.5'],
+     'config.model: compression=1.5: theta must be in (0, 1]'),
+    ([DIGITS, '--config.model.compression=0'],
+     'config.model: compression=0.0: theta must be in (0, 1]'),
+    ([DIGITS, '--config.num_epochs=0'], 'config.num_epochs=0: must be an integer >= 1'),
+    ([DIGITS, '--config.batch_size=-64'], 'config.batch_size=-64: must be an integer >= 1'),
+    ([DIGITS, '--config.learning_rate=0'], 'config.learning_rate=0.0: must be a number > 0'),
+    ([DIGITS, '--config.batch_size=60'],
+     'config.batch_size=60: must be a multiple of the device count (8)'),
+    ([DIGITS, '--config.lr_decay_epochs=(15,40)'],
+     'config.lr_decay_epochs=(15, 40): must be increasing epochs within the run, each in '
+     '(0, num_epochs=30)'),
+    ([DIGITS, '--config.model.grwth_rate=12'],
+     "--config.model.grwth_rate=12: config.model has no field 'grwth_rate'; its fields are "
+     'bottleneck, compression, depth, dropout_rate, dtype, growth_rate, memory_efficient, name'),
+    ([DIGITS, '--config.nope=1'], "--config.nope=1: config has no field 'nope'; its fields are "),
+    ([DIGITS, '--config.batch_size=abc'],
+     "--config.batch_size=abc: expected int (flag --config.batch_size=abc: invalid literal for "
+     "int() with base 10: 'abc')"),
+    ([DIGITS, '--config.model.depth=10.5'], '--config.model.depth=10.5: expected int'),
+    ([DIGITS, '--config.augment=maybe'], '--config.augment=maybe: expected bool'),
+    (['--config=configs/cifar.py:densenet42,c10'],
+     "--config=configs/cifar.py:densenet42,c10: ValueError: model 'densenet42' is not in Table "
+     '2; choose from densenet40_k12, '),
+    (['--config=configs/nope.py'],
+     "--config=configs/nope.py: [Errno 2] No such file or directory: 'configs/nope.py'"),
+])
+def test_bad_input_fails_fast_in_one_line(args, message):
+  status, lines, seconds = run_main([*args, '--workdir=/nonexistent/never/written'])
+  assert status == 2
+  assert len(lines) == 1 and lines[0].startswith(f'main.py: error: {message}'), lines
+  assert seconds < 10
+
+
+@pytest.mark.parametrize('name,hint', [
+    ('cifar10', 'On a machine with internet access run: python -m densenet_jax.input_pipeline '
+                'cifar10 --data_dir {data_dir}'),
+    ('imagenet2012', 'ILSVRC2012_img_train.tar'),
+])
+def test_missing_dataset_says_how_to_prepare_it(tmp_path, name, hint):
+  config = ('--config=configs/cifar.py:densenet40_k12,c10+,quick' if name == 'cifar10'
+            else '--config=configs/imagenet_densenet121.py')
+  status, lines, _ = run_main([config, f'--config.data_dir={tmp_path}', '--config.batch_size=8',
+                               '--config.eval_batch_size=8', f'--workdir={tmp_path / "run"}'])
+  assert status == 1
+  assert lines[-1].startswith(f'main.py: error: {name} is not prepared in {tmp_path}. ')
+  assert hint.format(data_dir=tmp_path) in lines[-1]
+  assert not any('Traceback' in line for line in lines)
+
+
+def test_every_paper_config_is_valid():
+  for model_name in cifar.MODELS:
+    for dataset in cifar.DATASETS:
+      config_validation.validate(cifar.get_config(f'{model_name},{dataset}'), device_count=4)
+  config_validation.validate(digits.get_config(), device_count=8)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('momentum', 1.0, 'config.momentum=1.0: must be in [0, 1)'),
+    ('weight_decay', -1e-4, 'config.weight_decay=-0.0001: must be a number >= 0'),
+    ('lr_decay_factor', 0.0, 'config.lr_decay_factor=0.0: must be a number > 0'),
+    ('lr_decay_epochs', (22.5, 15), 'config.lr_decay_epochs=(22.5, 15): must be increasing'),
+    ('eval_every_epochs', 0.0, 'config.eval_every_epochs=0.0: must be a number > 0'),
+    ('eval_batch_size', 100, 'config.eval_batch_size=100: must be a multiple of the device '
+                             'count (8)'),
+    ('log_every_steps', 0, 'config.log_every_steps=0: must be an integer >= 1'),
+    ('keep_checkpoints', 0, 'config.keep_checkpoints=0: must be an integer >= 1'),
+    ('eval_checkpoint', 'first', "config.eval_checkpoint='first': allowed: 'best' or 'latest'"),
+    ('augment', 1, 'config.augment=1: must be True or False'),
+    ('batch_size', 64.0, 'config.batch_size=64.0: must be an integer >= 1'),
+    ('init_from', '/nonexistent.pth', "config.init_from='/nonexistent.pth': no such file"),
+])
+def test_each_field_is_checked(field, value, message):
+  config = ml_collections.ConfigDict(digits.get_config().to_dict(), type_safe=False)
+  config[field] = value
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate(config, device_count=8)
+  assert str(error.value).startswith(message)
+
+
+def test_unknown_field_names_the_group_and_its_fields():
+  config = digits.get_config()
+  assert config_validation.unknown_field(config, 'model.growth_rate') is None
+  assert config_validation.unknown_field(config, 'model.k') == (
+      "config.model has no field 'k'; its fields are bottleneck, compression, depth, "
+      'dropout_rate, dtype, growth_rate, memory_efficient, name')
+  assert config_validation.unknown_field(config, 'seed.x') == (
+      'config.seed is a value, not a group of fields')
