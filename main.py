@@ -40,8 +40,12 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for mu
                     'runs without a cluster environment that JAX detects.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
 flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
-flags.DEFINE_string('compilation_cache_dir', os.path.expanduser('~/.cache/densenet_jax/xla'),
-                    'Persistent XLA compilation cache, so a restarted run does not recompile.')
+flags.DEFINE_string('compilation_cache_dir',
+                    os.environ.get('JAX_COMPILATION_CACHE_DIR',
+                                   os.path.expanduser('~/.cache/densenet_jax/xla')),
+                    'Persistent XLA compilation cache, so a restarted run does not recompile '
+                    '(default: $JAX_COMPILATION_CACHE_DIR if set).')
+
 
 def _is_multiprocess_cluster() -> bool:
   for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
@@ -126,7 +130,8 @@ def main(argv):
   elif FLAGS.distributed or _is_multiprocess_cluster():
     jax.distributed.initialize()
   jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
   config = FLAGS.config
   from densenet_jax import config_validation  # no TensorFlow: a bad config fails in seconds

@@ -34,7 +34,7 @@ def base_config():
   config.holdout_validation = False  # hold out a validation split (SVHN always does)
 
   config.batch_size = 64  # global, over all devices of all processes
-  config.eval_batch_size = 500
+  config.eval_batch_size = 512  # multiples of 8 devices; the last batch is padded
   config.num_epochs = 300
   config.learning_rate = 0.1
   config.lr_decay_epochs = (150, 225)  # lr x0.1 after this many completed epochs
@@ -70,7 +70,7 @@ def imagenet_config(model_name, *, growth_rate=32, batch_size=256, num_epochs=90
   config.model.block_sizes = IMAGENET_BLOCKS[model_name]
   config.dataset = 'imagenet2012'
   config.batch_size = batch_size
-  config.eval_batch_size = 250
+  config.eval_batch_size = 256
   config.num_epochs = num_epochs
   config.lr_decay_epochs = lr_decay_epochs
   config.log_every_steps = 500

@@ -49,6 +49,26 @@ COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 STEMS = ('cifar', 'imagenet')
 
 
+class Conv(nn.Conv):
+  """nn.Conv that computes a 1x1, stride-1, unpadded, bias-free convolution as a matmul.
+
+  Same parameter ('kernel', HWIO) and same numbers, but XLA:CPU differentiates a matmul much
+  faster than the equivalent conv_general_dilated: a DenseNet-BC-100 train step (batch 64, 2
+  cores) takes 4.5 s instead of 6.7 s (docs/performance.md). GPUs run either as one GEMM.
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if (tuple(self.kernel_size) != (1, 1) or self.strides not in (None, 1, (1, 1))
+        or self.padding != ((0, 0), (0, 0)) or self.use_bias or self.feature_group_count != 1
+        or self.input_dilation not in (None, 1, (1, 1))):
+      return super().__call__(inputs)
+    kernel = self.param('kernel', self.kernel_init, (1, 1, inputs.shape[-1], self.features),
+                        self.param_dtype)
+    inputs, kernel = nn.dtypes.promote_dtype(inputs, kernel, dtype=self.dtype)
+    return jnp.dot(inputs, kernel[0, 0], precision=self.precision)
+
+
 class BNReLUConv(nn.Module):
   """concat(inputs) -> BN -> ReLU -> Conv (no bias, Torch-style explicit padding) -> dropout."""
   features: int
@@ -171,7 +191,7 @@ class DenseNet(nn.Module):
     dtype = COMPUTE_DTYPES[self.dtype]
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
                              epsilon=BN_EPSILON, dtype=dtype, axis_name=self.axis_name)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=dtype)
+    conv = functools.partial(Conv, use_bias=False, kernel_init=conv_init, dtype=dtype)
     unit_cls = (nn.remat(BNReLUConv, policy=save_only_reductions)
                 if self.memory_efficient else BNReLUConv)
     unit = functools.partial(unit_cls, norm=norm, conv=conv, dropout_rate=self.dropout_rate,

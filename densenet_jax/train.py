@@ -248,7 +248,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     window, window_start = [], time.time()  # the metrics of the steps since the last log
     for step in range(start_step + 1, total_steps + 1):
-      p_state, metrics = p_train_step(p_state, next(train_iter))
+      batch = next(train_iter)
+      if step == start_step + 1:  # compile once, with the platform's XLA options
+        p_train_step = p_train_step.lower(p_state, batch).compile(
+            steps.compiler_options(jax.default_backend()))
+      p_state, metrics = p_train_step(p_state, batch)
       window.append(metrics)
       is_eval = step % eval_every == 0 or step == total_steps
       if step % config.log_every_steps == 0 or is_eval:

@@ -141,7 +141,8 @@ def jax_case(spec):
   batch = {'image': jax.random.normal(jax.random.key(1), (b, size, size, 3), jnp.float32),
            'label': jax.random.randint(jax.random.key(2), (b,), 0, spec['num_classes'])}
   train_step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=lr, axis_name=None),
-                       donate_argnums=0)
+                       donate_argnums=0,
+                       compiler_options=steps.compiler_options(jax.default_backend()))
   start = time.perf_counter()
   lowered = train_step.lower(state, batch)
   lowered_at = time.perf_counter()

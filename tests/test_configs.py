@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import pytest
 
 from configs import cifar
-from densenet_jax import models, steps
+from densenet_jax import config_validation, models, steps
 from densenet_jax.train import create_model_from_config
 
 TABLE2 = [(m, d) for m in cifar.MODELS for d in cifar.DATASETS]
+EIGHT_DEVICES = 8  # one GPU server or TPU host: every config must run there unchanged
 TABLE3 = {'121': (256, 90, (30, 60)), '169': (256, 90, (30, 60)), '201': (256, 90, (30, 60)),
           '264': (256, 90, (30, 60)), '161': (128, 100, (30, 60, 90))}
 
@@ -37,6 +38,7 @@ def test_table2_config_has_the_paper_hyperparameters(model_name, dataset):
   model = create_model_from_config(config, num_classes=10)
   assert model == models.create_model(model_name, num_classes=10, dropout_rate=model.dropout_rate,
                                       axis_name=steps.AXIS_NAME)
+  config_validation.validate(config, EIGHT_DEVICES)
 
 
 def test_table2_paper_errors_are_in_the_configs():
@@ -57,6 +59,7 @@ def test_table3_config_has_the_paper_hyperparameters(name):
   model = create_model_from_config(config, num_classes=1000)
   assert model == models.create_model(f'densenet{name}', num_classes=1000,
                                       axis_name=steps.AXIS_NAME)
+  config_validation.validate(config, EIGHT_DEVICES)
 
 
 def test_bad_config_arguments_are_clear_errors():

@@ -11,7 +11,6 @@ another order than one) to 1e-2 in 48 steps; at 0.01 they stay at 3e-7 (measured
 import concurrent.futures
 import functools
 import json
-import os
 import re
 import signal
 import socket
