@@ -341,7 +341,7 @@ def saved_activation_bytes(model: DenseNet, image_size: int, batch_size: int) ->
 
   The distinct residuals of `jax.vjp` with respect to the parameters, less the variables and
   the images themselves: the activation memory a memory-efficient mode is meant to cut, on any
-  backend (nothing is compiled; XLA:CPU may still undo remat, see docs/performance.md).
+  backend (nothing is compiled; on XLA:CPU the saving needs steps.compiler_options).
   """
   variables = init_shapes(model, image_size)
   x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)

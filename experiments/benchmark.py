@@ -8,7 +8,8 @@ the same step in PyTorch) runs in a fresh Python process, so that peak memory is
   compile      JAX: lowering and XLA compile of the jitted train step; torch.compile: first step
   residuals    bytes the forward pass saves for the backward pass (models.saved_activation_bytes),
                the same on every backend
-  XLA temp     temporaries of the compiled step (compiled.memory_analysis())
+  XLA temp     temporaries of the step compiled as train.py does, with steps.compiler_options
+               (compiled.memory_analysis())
   peak         GPU: the device's peak_bytes_in_use (torch: max_memory_allocated);
                CPU: peak resident set size of the process while stepping (after compile)
 
