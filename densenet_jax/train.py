@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +184,19 @@ def _check_finite(window: list, step: int, ckpt: checkpoints.Checkpoints):
                    f'the last checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is kept')
 
 
+def _with_compiler_options(p_step: Callable, *args) -> Callable:
+  """p_step compiled for args with the platform's XLA options (steps.compiler_options).
+
+  A pmap compiled for several processes cannot be called with each process's local arrays, so
+  there p_step stays as it is: only XLA:CPU has options, and a multi-process CPU run trains the
+  same but without the memory-efficient mode's saving.
+  """
+  options = steps.compiler_options(jax.default_backend())
+  if not options or jax.process_count() > 1:
+    return p_step
+  return p_step.lower(*args).compile(options)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from workdir's checkpoints if any) and writes workdir/results.json.
 
@@ -249,9 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     window, window_start = [], time.time()  # the metrics of the steps since the last log
     for step in range(start_step + 1, total_steps + 1):
       batch = next(train_iter)
-      if step == start_step + 1:  # compile once, with the platform's XLA options
-        p_train_step = p_train_step.lower(p_state, batch).compile(
-            steps.compiler_options(jax.default_backend()))
+      if step == start_step + 1:
+        p_train_step = _with_compiler_options(p_train_step, p_state, batch)
       p_state, metrics = p_train_step(p_state, batch)
       window.append(metrics)
       is_eval = step % eval_every == 0 or step == total_steps
