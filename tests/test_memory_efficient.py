@@ -73,13 +73,19 @@ def test_same_outputs_gradients_and_statistics(bottleneck):
   assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(lean_grads)) > 1e-3
 
 
-def test_train_step_updates_statistics_once():
-  """One train step moves BN running statistics by one momentum step, in both modes alike."""
+def optimizer_and_train_step():
+  """The optimizer and the jitted single-device train step, compiled as train.py does."""
   lr = steps.learning_rate_schedule(0.1, 10, [5])
   tx = steps.sgd_nesterov(lr, momentum=0.9, weight_decay=1e-4)
-  batch = {'image': images(), 'label': jnp.arange(BATCH) % 5}
   step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=lr, axis_name=None),
                  compiler_options=steps.compiler_options(jax.default_backend()))
+  return tx, step
+
+
+def test_train_step_updates_statistics_once():
+  """One train step moves BN running statistics by one momentum step, in both modes alike."""
+  tx, step = optimizer_and_train_step()
+  batch = {'image': images(), 'label': jnp.arange(BATCH) % 5}
   before = {me: steps.create_train_state(tiny(me), jax.random.key(0), (SIZE, SIZE, 3), tx)
             for me in (False, True)}
   assert_trees_close(before[True].params, before[False].params, rtol=0, atol=0)
@@ -121,11 +127,8 @@ def test_saved_activations_grow_linearly_only_in_memory_efficient_mode():
 def test_compiled_train_step_keeps_the_saving():
   """The backend's compiled step (XLA temporaries, with steps.compiler_options) shrinks too:
   without the options XLA:CPU merges the recomputation back and both modes need the same."""
-  lr = steps.learning_rate_schedule(0.1, 10, [5])
-  tx = steps.sgd_nesterov(lr, momentum=0.9, weight_decay=1e-4)
+  tx, step = optimizer_and_train_step()
   batch = {'image': images(8), 'label': jnp.arange(8) % 10}
-  step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=lr, axis_name=None),
-                 compiler_options=steps.compiler_options(jax.default_backend()))
   temp = {}
   for memory_efficient in (False, True):
     state = steps.create_train_state(one_block(6, memory_efficient), jax.random.key(0),
