@@ -54,14 +54,14 @@ class Conv(nn.Conv):
 
   Same parameter ('kernel', HWIO) and same numbers, but XLA:CPU differentiates a matmul much
   faster than the equivalent conv_general_dilated: a DenseNet-BC-100 train step (batch 64, 2
-  cores) takes 4.5 s instead of 6.7 s (docs/performance.md). GPUs run either as one GEMM.
+  cores) takes 4.5 s instead of 6.7 s (docs/performance.md). Not yet compared on a GPU.
   """
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     if (tuple(self.kernel_size) != (1, 1) or self.strides not in (None, 1, (1, 1))
         or self.padding != ((0, 0), (0, 0)) or self.use_bias or self.feature_group_count != 1
-        or self.input_dilation not in (None, 1, (1, 1))):
+        or self.input_dilation not in (None, 1, (1, 1)) or self.mask is not None):
       return super().__call__(inputs)
     kernel = self.param('kernel', self.kernel_init, (1, 1, inputs.shape[-1], self.features),
                         self.param_dtype)
