@@ -83,6 +83,14 @@ def _fail(message: str, exit_code: int = 1):
   sys.exit(exit_code)
 
 
+def _print_evaluation(evaluation: dict):
+  """One line per split: its errors in percent and its loss."""
+  for split, values in evaluation['eval'].items():
+    errors = ' '.join(f'{k} {100 * v:.2f}%' for k, v in values.items() if k.endswith('error'))
+    print(f'{split} ({values["count"]} images, step {evaluation["step"]}): {errors} '
+          f'loss {values["loss"]:.4f}')
+
+
 def _config_arg(argv):
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
@@ -155,7 +163,7 @@ def main(argv):
     if FLAGS.mode == 'train':
       train.train_and_evaluate(config, workdir)
     else:
-      train.evaluate(config, workdir)
+      _print_evaluation(train.evaluate(config, workdir))
   except train.Interrupted as e:
     logging.warning('%s', e)
     sys.exit(128 + e.signum)  # the status of a process ended by that signal

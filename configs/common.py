@@ -7,14 +7,20 @@ sweeps look the same everywhere (e.g. --config.model.growth_rate=24, --config.ba
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from densenet_jax import architectures
 
-def model_config(name, *, growth_rate, depth=None, bottleneck=False, compression=1.0,
-                 dropout_rate=0.0):
-  """config.model: the named model and the hyperparameters that may be overridden."""
+
+def model_config(*, growth_rate, stem='cifar', depth=None, block_sizes=None, bottleneck=False,
+                 compression=1.0, dropout_rate=0.0):
+  """config.model: the network (depth for three equal CIFAR/SVHN blocks, else block_sizes) and
+  the options that may be overridden. The run's name for it is derived from these fields
+  (`architectures.Architecture.name`), so an override renames what is built."""
   model = ml_collections.ConfigDict()
-  model.name = name
-  if depth is not None:  # CIFAR/SVHN models; ImageNet models are given by block sizes
+  model.stem = stem
+  if depth is not None:
     model.depth = depth
+  if block_sizes is not None:
+    model.block_sizes = block_sizes
   model.growth_rate = growth_rate
   model.bottleneck = bottleneck
   model.compression = compression
@@ -24,9 +30,14 @@ def model_config(name, *, growth_rate, depth=None, bottleneck=False, compression
   return model
 
 
+def named_model_config(name, dropout_rate=0.0):
+  """config.model of a network of the paper (architectures.NAMED)."""
+  return model_config(**architectures.NAMED[name].config_fields(), dropout_rate=dropout_rate)
+
+
 def base_config():
   config = ml_collections.ConfigDict()
-  config.model = model_config('densenet40_k12', depth=40, growth_rate=12)
+  config.model = named_model_config('densenet40_k12')
   config.dataset = 'cifar10'
   config.data_dir = placeholder(str)  # None: tfds's default
   config.augment = True
@@ -56,24 +67,14 @@ def base_config():
   return config
 
 
-IMAGENET_BLOCKS = {'densenet121': (6, 12, 24, 16), 'densenet169': (6, 12, 32, 32),
-                   'densenet201': (6, 12, 48, 32), 'densenet264': (6, 12, 64, 48),
-                   'densenet161': (6, 12, 36, 24)}
-
-
-def imagenet_config(model_name, *, growth_rate=32, batch_size=256, num_epochs=90,
-                    lr_decay_epochs=(30, 60), paper_top1=None, paper_top5=None):
-  """Table 3: fb.resnet.torch recipe on ImageNet (DenseNet-BC, theta = 0.5, k = 32)."""
+def imagenet_config(model_name, *, batch_size=256, num_epochs=90, lr_decay_epochs=(30, 60)):
+  """Table 3: fb.resnet.torch recipe on ImageNet (DenseNet-BC, theta = 0.5)."""
   config = base_config()
-  config.model = model_config(model_name, growth_rate=growth_rate, bottleneck=True,
-                              compression=0.5)
-  config.model.block_sizes = IMAGENET_BLOCKS[model_name]
+  config.model = named_model_config(model_name)
   config.dataset = 'imagenet2012'
   config.batch_size = batch_size
   config.eval_batch_size = 256
   config.num_epochs = num_epochs
   config.lr_decay_epochs = lr_decay_epochs
   config.log_every_steps = 500
-  config.paper_top1_error = paper_top1 if paper_top1 is not None else placeholder(float)
-  config.paper_top5_error = paper_top5 if paper_top5 is not None else placeholder(float)
   return config

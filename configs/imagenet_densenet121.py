@@ -12,4 +12,4 @@ from configs import common
 
 
 def get_config():
-  return common.imagenet_config('densenet121', paper_top1=25.02, paper_top5=7.71)
+  return common.imagenet_config('densenet121')

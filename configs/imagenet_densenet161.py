@@ -11,5 +11,5 @@ from configs import common
 
 
 def get_config():
-  return common.imagenet_config('densenet161', growth_rate=48, batch_size=128, num_epochs=100,
-                                lr_decay_epochs=(30, 60, 90), paper_top1=22.2)
+  return common.imagenet_config('densenet161', batch_size=128, num_epochs=100,
+                                lr_decay_epochs=(30, 60, 90))

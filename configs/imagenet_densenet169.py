@@ -12,4 +12,4 @@ from configs import common
 
 
 def get_config():
-  return common.imagenet_config('densenet169', paper_top1=23.80, paper_top5=6.85)
+  return common.imagenet_config('densenet169')

@@ -12,4 +12,4 @@ from configs import common
 
 
 def get_config():
-  return common.imagenet_config('densenet201', paper_top1=22.58, paper_top5=6.34)
+  return common.imagenet_config('densenet201')

@@ -12,4 +12,4 @@ from configs import common
 
 
 def get_config():
-  return common.imagenet_config('densenet264', paper_top1=22.15, paper_top5=6.12)
+  return common.imagenet_config('densenet264')

@@ -170,12 +170,6 @@ def plot_feature_reuse(blocks: list, path: Optional[str] = None) -> Figure:
 # ---------------------------------------------------------------------------------------------
 # Sweeps: error vs parameters (Figure 4) and vs FLOPs (Figure 3).
 
-def variant_name(bottleneck: bool, compression: float) -> str:
-  """DenseNet, DenseNet-B, DenseNet-C or DenseNet-BC."""
-  suffix = ('B' if bottleneck else '') + ('C' if compression < 1 else '')
-  return 'DenseNet' + (f'-{suffix}' if suffix else '')
-
-
 def read_sweep_csv(path: str) -> list:
   with open(path, newline='') as f:
     return list(csv.DictReader(f))

@@ -34,9 +34,15 @@ class CheckpointError(RuntimeError):
 
 
 def state_tree(state) -> dict:
-  """The saved part of a TrainState (apply_fn and tx are code, not data)."""
+  """The saved part of a TrainState (apply_fn and tx are code, not data).
+
+  The dropout key is saved as its raw key data, uint32[2]: the layout of the legacy
+  `jax.random.PRNGKey` keys that checkpoints written before typed keys hold, so those restore
+  (and resume) bit for bit.
+  """
   return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
-          'opt_state': state.opt_state, 'dropout_rng': state.dropout_rng}
+          'opt_state': state.opt_state,
+          'dropout_rng': np.asarray(jax.random.key_data(state.dropout_rng))}
 
 
 def root_cause(error: BaseException) -> str:
@@ -58,8 +64,7 @@ def root_cause(error: BaseException) -> str:
 
 
 def _non_finite_leaves(tree) -> list:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [jax.tree_util.keystr(path) for path, x in leaves
+  return [jax.tree_util.keystr(path) for path, x in jax.tree.leaves_with_path(tree)
           if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.all(np.isfinite(x))]
 
 
@@ -144,10 +149,12 @@ class Checkpoints:
     return state, None
 
   def _restore(self, state, step: int):
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(state))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_tree(state))
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
-    return state.replace(**restored['state']), restored['record']
+    tree = restored['state']
+    tree['dropout_rng'] = jax.random.wrap_key_data(tree['dropout_rng'])
+    return state.replace(**tree), restored['record']
 
   def _set_aside(self, steps: list):
     """Renames unreadable checkpoints (once every process has tried them) so that their steps

@@ -1,8 +1,10 @@
-"""Checks a run's config before anything heavy is imported or compiled.
+"""Every rule a run's config must follow, each defined once, checked before anything heavy.
 
-Without TensorFlow (about 5 s to import) and without compiling, a bad config fails in a couple of
-seconds, not after the dataset is opened and the model compiled. Every problem is a ConfigError
-whose message is one line: the field, its value and what is allowed.
+Without TensorFlow (about 5 s to import), without JAX and without compiling, a bad config fails
+in a couple of seconds, not after the dataset is opened and the model compiled. Every problem is
+a ConfigError whose message is one line: the field, its value and what is allowed. The library's
+entry points (the input pipeline's constructors, train_and_evaluate, evaluate, DenseNet) guard
+themselves with the same functions.
 """
 
 import os
@@ -10,7 +12,10 @@ from typing import Optional
 
 import ml_collections
 
-from densenet_jax import dataset_names, models
+from densenet_jax import architectures, datasets
+
+# The DenseNet options that config.model may set besides its architecture fields.
+MODEL_OPTIONS = ('dropout_rate', 'dtype', 'memory_efficient')
 
 
 class ConfigError(ValueError):
@@ -46,28 +51,75 @@ def _check_bool(config, field: str):
     _fail(field, config[field], 'must be True or False')
 
 
-def validate(config: ml_collections.ConfigDict, device_count: int):
-  """Raises ConfigError for the first field that no run on `device_count` devices can use."""
-  model_options = {k: v for k, v in config.model.items() if k != 'name'}
+def check_model(model: ml_collections.ConfigDict):
+  """config.model: a network (architectures.FIELDS) and its options (MODEL_OPTIONS)."""
+  unknown = sorted(set(model.keys()) - set(architectures.FIELDS) - set(MODEL_OPTIONS))
+  if unknown:
+    _fail('model', unknown[0], f'unknown field; allowed: '
+          f'{", ".join(sorted(architectures.FIELDS + MODEL_OPTIONS))}')
   try:
-    models.create_model(config.model.name, **model_options)  # a module object: nothing traced
+    architecture = architectures.from_fields(model)
+    architectures.validate_hyperparameters(
+        block_sizes=architecture.block_sizes, growth_rate=architecture.growth_rate,
+        compression=architecture.compression, stem=architecture.stem, stem_features=None,
+        dropout_rate=model.dropout_rate, num_classes=1, dtype=model.dtype)
   except (ValueError, TypeError) as e:
     raise ConfigError(f'config.model: {e}') from None
+  if not isinstance(model.memory_efficient, bool):
+    _fail('model.memory_efficient', model.memory_efficient, 'must be True or False')
 
-  if config.dataset not in dataset_names.DATASETS:
-    _fail('dataset', config.dataset, f'allowed datasets are {", ".join(dataset_names.DATASETS)}')
+
+def check_dataset_options(dataset: str, *, augment: bool = False, holdout_validation: bool = False,
+                          image_size: Optional[int] = None, ten_crop: bool = False,
+                          eval_resize: str = 'bicubic'):
+  """The options that only some datasets take (training or evaluation)."""
+  if dataset not in datasets.DATASETS:
+    _fail('dataset', dataset, f'allowed datasets are {", ".join(datasets.DATASETS)}')
+  if augment and dataset in datasets.NOT_AUGMENTED:
+    _fail('augment', augment, f'{dataset} is trained without augmentation, as in the paper: '
+          'set augment=False')
+  holdout = datasets.OPTIONAL_HOLDOUT + datasets.ALWAYS_HOLDOUT
+  if holdout_validation and dataset not in holdout:
+    _fail('holdout_validation', holdout_validation,
+          f'only for {", ".join(holdout)}, not {dataset!r} '
+          f'({", ".join(datasets.ALWAYS_HOLDOUT)} always holds out its validation set)')
+  if image_size is not None:
+    if not _is_int(image_size) or image_size < 1:
+      _fail('image_size', image_size, 'must be an integer >= 1')
+    if dataset not in datasets.UPSCALABLE:
+      _fail('image_size', image_size, f'only for {", ".join(datasets.UPSCALABLE)}, not '
+            f'{dataset!r}')
+  if ten_crop and dataset not in datasets.TEN_CROP:
+    _fail('ten_crop', ten_crop, f'only for {", ".join(datasets.TEN_CROP)}, not {dataset!r}')
+  if eval_resize not in datasets.RESIZE_METHODS:
+    _fail('eval_resize', eval_resize, f'allowed: {", ".join(datasets.RESIZE_METHODS)}')
+
+
+def check_batch_size(field: str, value, device_count: int):
+  """A batch that every device gets an equal share of."""
+  if not _is_int(value) or value < 1:
+    _fail(field, value, 'must be an integer >= 1')
+  if value % device_count:
+    _fail(field, value, f'must be a multiple of the device count ({device_count})')
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int):
+  """Raises ConfigError for the first field that no run on `device_count` devices can use."""
+  check_model(config.model)
+  for field in ('augment', 'holdout_validation', 'cross_replica_bn', 'ten_crop'):
+    _check_bool(config, field)
+  check_dataset_options(config.dataset, augment=config.augment,
+                        holdout_validation=config.holdout_validation,
+                        image_size=config.image_size, ten_crop=config.ten_crop,
+                        eval_resize=config.eval_resize)
   for field in ('data_dir', 'init_from'):
     if config.get(field) is not None and not isinstance(config[field], str):
       _fail(field, config[field], 'must be a path (a string)')
   if config.init_from and not os.path.exists(config.init_from):
     _fail('init_from', config.init_from, 'no such file or directory')
-  if config.image_size is not None:
-    _check_int(config, 'image_size')
 
   for field in ('batch_size', 'eval_batch_size'):
-    _check_int(config, field)
-    if config[field] % device_count:
-      _fail(field, config[field], f'must be a multiple of the device count ({device_count})')
+    check_batch_size(field, config[field], device_count)
   _check_int(config, 'num_epochs')
   for field in ('learning_rate', 'lr_decay_factor', 'eval_every_epochs'):
     _check_positive(config, field)
@@ -83,8 +135,6 @@ def validate(config: ml_collections.ConfigDict, device_count: int):
   _check_int(config, 'seed', minimum=0)
   _check_int(config, 'log_every_steps')
   _check_int(config, 'keep_checkpoints')
-  for field in ('augment', 'holdout_validation', 'cross_replica_bn', 'ten_crop'):
-    _check_bool(config, field)
   if config.eval_checkpoint not in ('best', 'latest'):
     _fail('eval_checkpoint', config.eval_checkpoint, "allowed: 'best' or 'latest'")
 

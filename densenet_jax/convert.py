@@ -1,7 +1,7 @@
 """Pretrained ImageNet DenseNets from torchvision and Keras as this project's variables.
 
 torchvision's densenet121/161/169/201 and keras.applications' DenseNet121/169/201 are the networks
-`models.create_model('densenet121')` etc. build (see densenet-facts.md), so converting is renaming
+`models.create_model('densenet121')` etc. build (docs/reference.md), so converting is renaming
 and re-laying-out: torch convs OIHW -> HWIO, torch linear (out, in) -> (in, out); Keras already
 uses our layouts. Keras BN has epsilon 1.001e-5, ours 1e-5: the difference is added to the moving
 variance, so BN computes exactly Keras's rsqrt(var + 1.001e-5).
@@ -18,8 +18,9 @@ import re
 
 import jax
 import numpy as np
+from absl import logging
 
-from densenet_jax import models
+from densenet_jax import architectures, checkpoints, costs, models
 
 # torchvision's old .pth files name BN/conv tensors `denselayerN.norm.1.weight`; torchvision itself
 # renames them to `denselayerN.norm1.weight` with this pattern before loading.
@@ -68,7 +69,8 @@ def _assemble(name, block_sizes, read):
 def _check_shapes(name, variables):
   num_classes = variables['params']['classifier']['bias'].shape[0]
   model = models.create_model(name, num_classes=num_classes)
-  expected = _shapes(models.init_shapes(model, models.native_image_size(name)))
+  size = architectures.NATIVE_IMAGE_SIZE[architectures.NAMED[name].stem]
+  expected = _shapes(costs.init_shapes(model, size))
   got = _shapes(variables)
   wrong = sorted(set(got.items()) ^ set(expected.items()))
   if wrong:
@@ -79,7 +81,7 @@ def _check_shapes(name, variables):
 
 def _shapes(tree) -> dict:
   return {jax.tree_util.keystr(path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+          for path, leaf in jax.tree.leaves_with_path(tree)}
 
 
 def _float32(value) -> np.ndarray:
@@ -88,9 +90,9 @@ def _float32(value) -> np.ndarray:
 
 def _named_model(source, block_sizes, growth_rate, stem_features) -> str:
   """The named ImageNet model with these block sizes, growth rate and stem width."""
-  for name, spec in models.MODELS.items():
-    if (spec['stem'] == 'imagenet' and tuple(spec['block_sizes']) == block_sizes
-        and spec['growth_rate'] == growth_rate
+  for name, architecture in architectures.NAMED.items():
+    if (architecture.stem == 'imagenet' and architecture.block_sizes == block_sizes
+        and architecture.growth_rate == growth_rate
         and models.create_model(name).num_stem_features == stem_features):
       return name
   raise ValueError(
@@ -264,3 +266,25 @@ def load_pretrained(path) -> tuple:
     return keras_model_name(model), from_keras(model)
   raise ValueError(f'weights file {os.fspath(path)!r} has extension {extension!r}; allowed: '
                    '.pth, .pt (torchvision state_dict), .keras, .h5 (saved Keras model)')
+
+
+def load_initial_weights(init_from: str, state):
+  """`state` with the weights of a torchvision/Keras file or a checkpoint directory.
+
+  A classifier of another shape (another number of classes) is not loaded: the state's freshly
+  initialized head is kept (fine-tuning).
+  """
+  if os.path.isdir(init_from):
+    restored, _ = checkpoints.Checkpoints(init_from).restore(state)
+    variables = {'params': restored.params, 'batch_stats': restored.batch_stats}
+  else:
+    _, variables = load_pretrained(init_from)
+  params, batch_stats = dict(variables['params']), dict(variables['batch_stats'])
+  head, new_head = params['classifier']['kernel'].shape, state.params['classifier']['kernel'].shape
+  if head != new_head:
+    logging.info('%s has a %d-class classifier, the model %d classes: new classifier.',
+                 init_from, head[-1], new_head[-1])
+    params['classifier'] = state.params['classifier']
+  if jax.tree.structure(params) != jax.tree.structure(state.params):
+    raise ValueError(f'init_from={init_from!r} holds another architecture than the model')
+  return state.replace(params=params, batch_stats=batch_stats)

@@ -31,30 +31,31 @@ Hold-outs. CIFAR with `holdout_validation=True`: the last CIFAR_HOLDOUT examples
 `train` (stored in random order) are the `validation` split. SVHN always holds out (paper):
 SVHN_HOLDOUT_PER_CLASS examples of each class from `train` and from `extra`, drawn with numpy's
 `default_rng(HOLDOUT_SEED)`; finding them reads every label once per process (cached in memory).
+
+Batch sizes and steps come from the run's `devices.Topology`; which option each dataset takes is
+checked by `config_validation.check_dataset_options`. Constants: docs/reference.md.
 """
 
 import argparse
-import collections
 import dataclasses
 import functools
-import itertools
 from typing import Iterable, Iterator, Optional
 
-import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import digits
+from densenet_jax import config_validation, digits
 from densenet_jax import preprocessing as pp
-from densenet_jax.dataset_names import DATASETS
+from densenet_jax.datasets import DATASETS
+from densenet_jax.devices import Topology
+
 CIFAR_STATS = {'cifar10': (pp.CIFAR10_MEAN, pp.CIFAR10_STD),
                'cifar100': (pp.CIFAR100_MEAN, pp.CIFAR100_STD)}
 CIFAR_HOLDOUT = 5000
 SVHN_HOLDOUT_PER_CLASS = {'train': 400, 'extra': 200}
 HOLDOUT_SEED = 0
 IMAGENET_SHUFFLE_BUFFER = 16_384
-EVAL_RESIZE = pp.RESIZE_METHODS
 # Stored image shapes (ImageNet's vary; it is fed at CROP_SIZE).
 IMAGE_SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3), 'cifar100': (32, 32, 3),
                 'svhn_cropped': (32, 32, 3)}
@@ -85,13 +86,8 @@ class _Shard:
   mask: Optional[np.ndarray] = None  # selection over the slice; None: all
 
 
-def _check_name(name: str):
-  if name not in DATASETS:
-    raise ValueError(f'unknown dataset {name!r}; available: {", ".join(DATASETS)}')
-
-
 def _new_builder(name: str, data_dir: Optional[str]):
-  _check_name(name)
+  config_validation.check_dataset_options(name)
   if name == 'digits':
     return digits.Digits(data_dir=data_dir)
   return tfds.builder(name, data_dir=data_dir)
@@ -128,12 +124,6 @@ def prepare(name: str, data_dir: Optional[str] = None, manual_dir: Optional[str]
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
-def _check_holdout(name: str, holdout_validation: bool):
-  if holdout_validation and name not in CIFAR_STATS and name != 'svhn_cropped':
-    raise ValueError(f'holdout_validation=True is not supported for {name!r}; only for '
-                     f'{", ".join(CIFAR_STATS)} (svhn_cropped always holds out its validation set)')
-
-
 def _subset(builder, name: str, split: str, holdout_validation: bool) -> _Subset:
   sizes = {s: builder.info.splits[s].num_examples for s in builder.info.splits}
   if name == 'svhn_cropped' and split in ('train', 'validation'):
@@ -158,8 +148,6 @@ def _eval_splits(name: str, holdout_validation: bool) -> tuple:
 
 
 def _image_shape(name: str, image_size: Optional[int]) -> tuple:
-  if image_size is not None and name != 'digits':
-    raise ValueError(f'image_size={image_size} is only supported for digits, not {name!r}')
   if name == 'imagenet2012':
     return (pp.CROP_SIZE, pp.CROP_SIZE, 3)
   if image_size is not None:
@@ -170,8 +158,9 @@ def _image_shape(name: str, image_size: Optional[int]) -> tuple:
 def dataset_info(name: str, data_dir: Optional[str], *, holdout_validation: bool = False,
                  image_size: Optional[int] = None) -> DatasetInfo:
   """Sizes, classes and shapes of a prepared dataset (`digits` is prepared here if needed)."""
+  config_validation.check_dataset_options(name, holdout_validation=holdout_validation,
+                                          image_size=image_size)
   builder = _builder(name, data_dir)
-  _check_holdout(name, holdout_validation)
   eval_splits = _eval_splits(name, holdout_validation)
   return DatasetInfo(
       name=name,
@@ -262,14 +251,9 @@ def example_preprocessor(name: str, *, train: bool, seed: int = 0, augment: bool
   image_size; cifar: per-channel standardization, '+' augmentation; svhn_cropped: pixels / 255;
   imagenet2012: fb.resnet.torch's training transform, or the evaluation resize + center crop.
   """
-  _check_name(name)
-  if eval_resize not in EVAL_RESIZE:
-    raise ValueError(f'eval_resize {eval_resize!r} is not one of {EVAL_RESIZE}')
-  if ten_crop and name != 'imagenet2012':
-    raise ValueError(f'ten_crop is only for imagenet2012, not {name!r}')
-  if train and augment and name == 'svhn_cropped':
-    raise ValueError('svhn_cropped has no augmentation (as in the paper): pass augment=False')
   augment = train and augment
+  config_validation.check_dataset_options(name, augment=augment, image_size=image_size,
+                                          ten_crop=ten_crop, eval_resize=eval_resize)
   shape = IMAGE_SHAPES.get(name)
 
   def preprocess(example):
@@ -297,20 +281,6 @@ def example_preprocessor(name: str, *, train: bool, seed: int = 0, augment: bool
   return preprocess
 
 
-def _topology(global_batch_size, process_index, process_count, local_device_count):
-  """(process_index, process_count, local_device_count, per-process batch)."""
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  local_device_count = (jax.local_device_count() if local_device_count is None
-                        else local_device_count)
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
-  if global_batch_size % (process_count * local_device_count):
-    raise ValueError(f'global_batch_size {global_batch_size} is not a multiple of '
-                     f'{process_count} processes x {local_device_count} local devices')
-  return process_index, process_count, local_device_count, global_batch_size // process_count
-
-
 def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
@@ -324,32 +294,26 @@ def _per_device(local_device_count: int):
   return split
 
 
-def create_train_iterator(name: str, *, data_dir: Optional[str], global_batch_size: int,
-                          seed: int, start_step: int = 0, augment: bool = True,
-                          holdout_validation: bool = False, process_index: Optional[int] = None,
-                          process_count: Optional[int] = None,
-                          local_device_count: Optional[int] = None,
+def create_train_iterator(name: str, *, data_dir: Optional[str], topology: Topology, seed: int,
+                          start_step: int = 0, augment: bool = True,
+                          holdout_validation: bool = False,
                           image_size: Optional[int] = None) -> Iterator[dict]:
-  """Infinite iterator of training batches, starting at `start_step`.
+  """Infinite iterator of this process's training batches, starting at `start_step`.
 
-  An epoch is num_train // global_batch_size steps (the remainder is dropped, a new order each
-  epoch). The batches from `start_step` on equal those of an uninterrupted run.
+  An epoch is `topology.steps_per_epoch(num_train)` steps (the remainder is dropped, a new order
+  each epoch). The batches from `start_step` on equal those of an uninterrupted run.
   """
   info = dataset_info(name, data_dir, holdout_validation=holdout_validation,
                       image_size=image_size)
   preprocess = example_preprocessor(name, train=True, seed=seed, augment=augment,
                                     image_size=image_size)
-  process_index, process_count, devices, local_batch = _topology(
-      global_batch_size, process_index, process_count, local_device_count)
-  steps_per_epoch = info.num_train // global_batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f'global_batch_size {global_batch_size} exceeds the {info.num_train} '
-                     f'training examples of {name}')
+  steps_per_epoch = topology.steps_per_epoch(info.num_train)
+  local_batch = topology.local_batch_size
   if start_step < 0:
     raise ValueError(f'start_step {start_step} is negative')
   builder = _builder(name, data_dir)
-  shard = _shard(builder, _subset(builder, name, 'train', holdout_validation), process_index,
-                 process_count)
+  shard = _shard(builder, _subset(builder, name, 'train', holdout_validation),
+                 topology.process_index, topology.process_count)
   examples = _read(builder, name, shard)
   buffer_size = shard.size
   if name == 'imagenet2012':
@@ -369,17 +333,14 @@ def create_train_iterator(name: str, *, data_dir: Optional[str], global_batch_si
         .skip(step_in_epoch * local_batch)
         .map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
         .batch(local_batch, drop_remainder=True)
-        .map(_per_device(devices))
+        .map(_per_device(topology.local_device_count))
         .prefetch(tf.data.AUTOTUNE))
   return iter(tfds.as_numpy(ds.with_options(_options())))
 
 
-def create_eval_iterator(name: str, split: str, *, data_dir: Optional[str],
-                         global_batch_size: int, holdout_validation: bool = False,
-                         ten_crop: bool = False, eval_resize: str = 'bicubic',
-                         process_index: Optional[int] = None,
-                         process_count: Optional[int] = None,
-                         local_device_count: Optional[int] = None,
+def create_eval_iterator(name: str, split: str, *, data_dir: Optional[str], topology: Topology,
+                         holdout_validation: bool = False, ten_crop: bool = False,
+                         eval_resize: str = 'bicubic',
                          image_size: Optional[int] = None) -> tuple[Iterable[dict], int]:
   """(re-iterable batches, num_steps) covering this process's share of `split` once.
 
@@ -391,12 +352,11 @@ def create_eval_iterator(name: str, split: str, *, data_dir: Optional[str],
     raise ValueError(f'split {split!r} is not an eval split of {name}: {info.eval_splits}')
   preprocess = example_preprocessor(name, train=False, ten_crop=ten_crop,
                                     eval_resize=eval_resize, image_size=image_size)
-  process_index, process_count, devices, local_batch = _topology(
-      global_batch_size, process_index, process_count, local_device_count)
+  local_batch = topology.local_batch_size
   builder = _builder(name, data_dir)
-  shard = _shard(builder, _subset(builder, name, split, holdout_validation), process_index,
-                 process_count)
-  num_steps = -(-(-(-info.num_eval[split] // process_count)) // local_batch)
+  shard = _shard(builder, _subset(builder, name, split, holdout_validation),
+                 topology.process_index, topology.process_count)
+  num_steps = topology.eval_steps(info.num_eval[split])
   examples = _read(builder, name, shard)
   if shard.mask is not None:
     examples = examples.cache()  # the SVHN hold-out: read the large splits only once
@@ -406,31 +366,9 @@ def create_eval_iterator(name: str, split: str, *, data_dir: Optional[str],
       {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()})
   ds = (ds.concatenate(padding.repeat(num_steps * local_batch - shard.size))
         .batch(local_batch)
-        .map(_per_device(devices))
+        .map(_per_device(topology.local_device_count))
         .prefetch(tf.data.AUTOTUNE))
   return tfds.as_numpy(ds.with_options(_options())), num_steps
-
-
-def prefetch_to_device(iterator: Iterable[dict], size: int = 2,
-                       devices: Optional[list] = None) -> Iterator[dict]:
-  """Copies batches ahead onto the local devices as arrays `jax.pmap` takes without a copy.
-
-  Each array is sharded along its leading (device) axis over a 1-D mesh of `devices`.
-  """
-  devices = jax.local_devices() if devices is None else devices
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ('batch',)),
-                                        jax.sharding.PartitionSpec('batch'))
-  iterator = iter(iterator)
-  queue = collections.deque()
-
-  def enqueue(n):
-    for batch in itertools.islice(iterator, n):
-      queue.append(jax.tree.map(lambda x: jax.device_put(x, sharding), batch))
-
-  enqueue(size)
-  while queue:
-    yield queue.popleft()
-    enqueue(1)
 
 
 def main():

@@ -7,21 +7,24 @@ channel concatenation of its inputs (`BNReLUConv`):
   H_l, bottleneck = BNReLUConv(1x1, 4k) -> BNReLUConv(3x3, k)              (DenseNet-B)
   transition      = BNReLUConv(1x1, floor(theta * m)) -> AvgPool 2x2/2     (theta < 1: -C)
 
-Layer order, init, BN constants and paddings follow ../shared/reference/densenet-facts.md.
+Layer order, init, BN constants and paddings follow the authors' code (docs/reference.md); the
+named networks are `architectures.NAMED`, and their sizes and costs are in `costs`.
 With `memory_efficient=True` each unit runs under `nn.remat`: its concatenation, BN and ReLU are
 recomputed in the backward pass, so the backward pass keeps only the conv outputs (k channels per
 layer, plus the 4k-channel bottleneck output in -B models) and activation memory grows linearly,
 not quadratically, with depth. Parameters, outputs, gradients and BN statistics are unchanged.
 """
 
+import dataclasses
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
+
+from densenet_jax import architectures
 
 ModuleDef = Any
 
@@ -45,27 +48,39 @@ def save_only_reductions(prim, *_, **__) -> bool:
   return prim.name in ('reduce_sum', 'psum', 'psum_invariant')
 
 
-COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-STEMS = ('cifar', 'imagenet')
+COMPUTE_DTYPES = {name: jnp.dtype(name) for name in architectures.COMPUTE_DTYPES}
 
 
-class Conv(nn.Conv):
+class Conv1x1AsMatmul(nn.Conv):
   """nn.Conv that computes a 1x1, stride-1, unpadded, bias-free convolution as a matmul.
 
-  Same parameter ('kernel', HWIO) and same numbers, but XLA:CPU differentiates a matmul much
-  faster than the equivalent conv_general_dilated: a DenseNet-BC-100 train step (batch 64, 2
-  cores) takes 4.5 s instead of 6.7 s (docs/performance.md). Not yet compared on a GPU.
+  Any other convolution is nn.Conv's. Same parameter ('kernel', HWIO) and same numbers, but
+  XLA:CPU differentiates a matmul much faster than the equivalent conv_general_dilated: a
+  DenseNet-BC-100 train step (batch 64, 2 cores) takes 4.5 s instead of 6.7 s
+  (docs/performance.md). Not yet compared on a GPU.
   """
+  # nn.Conv's fields that the matmul path reads or checks; tests fail if nn.Conv gains another.
+  MATMUL_FIELDS = ('features', 'kernel_size', 'strides', 'padding', 'input_dilation',
+                   'kernel_dilation', 'feature_group_count', 'use_bias', 'mask', 'dtype',
+                   'param_dtype', 'precision', 'kernel_init', 'bias_init', 'conv_general_dilated',
+                   'conv_general_dilated_cls', 'promote_dtype', 'parent', 'name')
+
+  def _is_plain_1x1(self) -> bool:
+    """Whether this convolution is a matmul of the channels. kernel_dilation does not matter
+    for a 1x1 kernel; bias_init only for a bias, which the matmul path does not have."""
+    unit = (None, 1, (1, 1))
+    return (tuple(self.kernel_size) == (1, 1) and self.strides in unit
+            and self.padding in ('VALID', ((0, 0), (0, 0))) and self.input_dilation in unit
+            and not self.use_bias and self.feature_group_count == 1 and self.mask is None
+            and self.conv_general_dilated is None and self.conv_general_dilated_cls is None)
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    if (tuple(self.kernel_size) != (1, 1) or self.strides not in (None, 1, (1, 1))
-        or self.padding != ((0, 0), (0, 0)) or self.use_bias or self.feature_group_count != 1
-        or self.input_dilation not in (None, 1, (1, 1)) or self.mask is not None):
+    if not self._is_plain_1x1():
       return super().__call__(inputs)
     kernel = self.param('kernel', self.kernel_init, (1, 1, inputs.shape[-1], self.features),
                         self.param_dtype)
-    inputs, kernel = nn.dtypes.promote_dtype(inputs, kernel, dtype=self.dtype)
+    inputs, kernel = self.promote_dtype(inputs, kernel, dtype=self.dtype)
     return jnp.dot(inputs, kernel[0, 0], precision=self.precision)
 
 
@@ -130,17 +145,6 @@ class DenseBlock(nn.Module):
     return features
 
 
-def cifar_block_sizes(depth: int, bottleneck: bool) -> tuple:
-  """Three equal dense blocks for a CIFAR/SVHN network of total depth L."""
-  divisor = 6 if bottleneck else 3
-  variant = 'with bottleneck (-B/-BC)' if bottleneck else 'without bottleneck'
-  if not isinstance(depth, int) or depth < 4 + divisor or (depth - 4) % divisor:
-    raise ValueError(
-        f'depth={depth!r} is not a CIFAR/SVHN DenseNet {variant}: '
-        f'allowed depths are L >= {4 + divisor} with (L - 4) divisible by {divisor}')
-  return ((depth - 4) // divisor,) * 3
-
-
 class DenseNet(nn.Module):
   """A DenseNet of any variant: basic, -B (bottleneck), -C (compression < 1) and -BC.
 
@@ -172,10 +176,10 @@ class DenseNet(nn.Module):
   axis_name: Optional[str] = None
 
   def __post_init__(self):
-    validate_hyperparameters(block_sizes=self.block_sizes, growth_rate=self.growth_rate,
-                             compression=self.compression, stem=self.stem,
-                             stem_features=self.stem_features, dropout_rate=self.dropout_rate,
-                             num_classes=self.num_classes, dtype=self.dtype)
+    architectures.validate_hyperparameters(
+        block_sizes=self.block_sizes, growth_rate=self.growth_rate, compression=self.compression,
+        stem=self.stem, stem_features=self.stem_features, dropout_rate=self.dropout_rate,
+        num_classes=self.num_classes, dtype=self.dtype)
     super().__post_init__()
 
   @property
@@ -191,7 +195,7 @@ class DenseNet(nn.Module):
     dtype = COMPUTE_DTYPES[self.dtype]
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
                              epsilon=BN_EPSILON, dtype=dtype, axis_name=self.axis_name)
-    conv = functools.partial(Conv, use_bias=False, kernel_init=conv_init, dtype=dtype)
+    conv = functools.partial(Conv1x1AsMatmul, use_bias=False, kernel_init=conv_init, dtype=dtype)
     unit_cls = (nn.remat(BNReLUConv, policy=save_only_reductions)
                 if self.memory_efficient else BNReLUConv)
     unit = functools.partial(unit_cls, norm=norm, conv=conv, dropout_rate=self.dropout_rate,
@@ -222,181 +226,35 @@ class DenseNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-def validate_hyperparameters(*, block_sizes, growth_rate, compression, stem, stem_features,
-                             dropout_rate, num_classes, dtype):
-  """Raises ValueError naming the first hyperparameter that no DenseNet can have."""
-  def positive_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-  if not block_sizes or not all(positive_int(n) for n in block_sizes):
-    raise ValueError(f'block_sizes={block_sizes!r}: need one or more positive integers')
-  if not positive_int(growth_rate):
-    raise ValueError(f'growth_rate={growth_rate!r}: the growth rate k must be an integer >= 1')
-  if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not (
-      0 < compression <= 1):
-    raise ValueError(f'compression={compression!r}: theta must be in (0, 1]')
-  if stem not in STEMS:
-    raise ValueError(f'stem={stem!r}: allowed stems are {", ".join(STEMS)}')
-  if stem_features is not None and not positive_int(stem_features):
-    raise ValueError(f'stem_features={stem_features!r}: must be None or an integer >= 1')
-  if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, (int, float)) or not (
-      0 <= dropout_rate < 1):
-    raise ValueError(f'dropout_rate={dropout_rate!r}: must be in [0, 1)')
-  if not positive_int(num_classes):
-    raise ValueError(f'num_classes={num_classes!r}: must be an integer >= 1')
-  if dtype not in COMPUTE_DTYPES:
-    raise ValueError(f'dtype={dtype!r}: allowed compute dtypes are {", ".join(COMPUTE_DTYPES)}')
+def build_model(**fields) -> DenseNet:
+  """A DenseNet from config.model-like fields: its architecture (architectures.FIELDS: depth for
+  three equal CIFAR/SVHN blocks, or block_sizes) and DenseNet's other attributes."""
+  architecture = architectures.from_fields(fields)
+  options = {k: v for k, v in fields.items() if k not in architectures.FIELDS}
+  allowed = {f.name for f in dataclasses.fields(DenseNet)} - {'parent', 'name'}
+  unknown = sorted(set(options) - allowed)
+  if unknown:
+    raise ValueError(f'unknown option(s) {", ".join(unknown)}; allowed: '
+                     f'{", ".join(sorted(allowed | set(architectures.FIELDS)))}')
+  return DenseNet(**dataclasses.asdict(architecture), **options)
 
 
-# ---------------------------------------------------------------------------------------------
-# Named models of the paper. CIFAR/SVHN models are given by depth, ImageNet ones by block sizes.
+def create_model(name: str, num_classes: Optional[int] = None, **overrides) -> DenseNet:
+  """A network of `architectures.NAMED`; any DenseNet attribute may be overridden.
 
-_CIFAR = dict(stem='cifar', image_size=32)
-_IMAGENET = dict(stem='imagenet', image_size=224, bottleneck=True, compression=0.5)
-MODELS = {
-    'densenet40_k12': dict(_CIFAR, depth=40, growth_rate=12),
-    'densenet100_k12': dict(_CIFAR, depth=100, growth_rate=12),
-    'densenet100_k24': dict(_CIFAR, depth=100, growth_rate=24),
-    'densenet_bc100_k12': dict(_CIFAR, depth=100, growth_rate=12, bottleneck=True,
-                               compression=0.5),
-    'densenet_bc250_k24': dict(_CIFAR, depth=250, growth_rate=24, bottleneck=True,
-                               compression=0.5),
-    'densenet_bc190_k40': dict(_CIFAR, depth=190, growth_rate=40, bottleneck=True,
-                               compression=0.5),
-    'densenet121': dict(_IMAGENET, block_sizes=(6, 12, 24, 16), growth_rate=32),
-    'densenet169': dict(_IMAGENET, block_sizes=(6, 12, 32, 32), growth_rate=32),
-    'densenet201': dict(_IMAGENET, block_sizes=(6, 12, 48, 32), growth_rate=32),
-    'densenet264': dict(_IMAGENET, block_sizes=(6, 12, 64, 48), growth_rate=32),
-    'densenet161': dict(_IMAGENET, block_sizes=(6, 12, 36, 24), growth_rate=48),
-}
-
-
-def list_models() -> list:
-  return list(MODELS)
-
-
-def native_image_size(name: str) -> int:
-  """The input resolution a named model was defined for (32 or 224)."""
-  return _model_spec(name)['image_size']
-
-
-def _model_spec(name: str) -> dict:
-  if name not in MODELS:
-    raise ValueError(f'model {name!r} is unknown; available models: {", ".join(MODELS)}')
-  return MODELS[name]
-
-
-def create_model(name: str, num_classes: int = None, **overrides) -> DenseNet:
-  """A named DenseNet; any DenseNet attribute may be overridden.
-
-  CIFAR/SVHN models also take `depth` (L), from which the three block sizes follow, e.g.
+  CIFAR/SVHN networks also take `depth` (L), from which the three block sizes follow, e.g.
   create_model('densenet40_k12', depth=100, growth_rate=24). Values that are None are ignored,
   so a config can carry optional fields.
   """
-  spec = dict(_model_spec(name))
-  spec.pop('image_size')
+  if name not in architectures.NAMED:
+    raise ValueError(f'model {name!r} is unknown; available models: '
+                     f'{", ".join(architectures.NAMED)}')
+  fields = architectures.NAMED[name].config_fields()
   overrides = {k: v for k, v in overrides.items() if v is not None}
-  allowed = {f.name for f in DenseNet.__dataclass_fields__.values()
-             if f.name not in ('parent', 'name')}
-  if spec['stem'] == 'cifar':
-    allowed.add('depth')
-  unknown = sorted(set(overrides) - allowed)
-  if unknown:
-    raise ValueError(f'unknown option(s) {", ".join(unknown)} for model {name!r}; '
-                     f'allowed: {", ".join(sorted(allowed))}')
-  spec.update(overrides)
+  if 'depth' in overrides and 'depth' not in fields:
+    raise ValueError(f'model {name!r} is given by block sizes, not by depth')
+  if 'block_sizes' in overrides:
+    fields.pop('depth', None)
   if num_classes is not None:
-    spec['num_classes'] = num_classes
-  if 'depth' in spec:
-    depth = spec.pop('depth')
-    if 'block_sizes' not in overrides:
-      spec['block_sizes'] = cifar_block_sizes(depth, spec.get('bottleneck', False))
-  return DenseNet(**spec)
-
-
-# ---------------------------------------------------------------------------------------------
-# Size and cost, computed from shapes alone (nothing is compiled).
-
-def init_shapes(model: DenseNet, image_size: int, batch_size: int = 1):
-  """The shapes of `model.init`'s variables, via jax.eval_shape (no compile)."""
-  x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-
-
-def count_params(variables) -> int:
-  """Trainable parameters (BN running statistics excluded) of a variables tree or its shapes."""
-  return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(variables['params']))
-
-
-def count_multiply_adds(model: DenseNet, image_size: int) -> int:
-  """Convolution and dense multiply-adds of one image's forward pass, read off the jaxpr."""
-  variables = init_shapes(model, image_size)
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x).jaxpr
-  return _multiply_adds(jaxpr)
-
-
-def saved_activation_bytes(model: DenseNet, image_size: int, batch_size: int) -> int:
-  """Bytes that a training forward pass saves for its backward pass, read off the jaxpr.
-
-  The distinct residuals of `jax.vjp` with respect to the parameters, less the variables and
-  the images themselves: the activation memory a memory-efficient mode is meant to cut, on any
-  backend (nothing is compiled; on XLA:CPU the saving needs steps.compiler_options).
-  """
-  variables = init_shapes(model, image_size)
-  x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
-
-  def residuals(params, batch_stats, x, rng):
-    def forward(params):
-      return model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                         mutable=['batch_stats'], rngs={'dropout': rng})
-    return jax.vjp(forward, params)[1]
-
-  jaxpr = jax.make_jaxpr(residuals)(variables['params'], variables['batch_stats'], x,
-                                    jax.random.key(0)).jaxpr
-  saved = {v for v in jaxpr.outvars if isinstance(v, jax.extend.core.Var)} - set(jaxpr.invars)
-  return sum(v.aval.size * v.aval.dtype.itemsize for v in saved)
-
-
-def _multiply_adds(jaxpr) -> int:
-  total = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'conv_general_dilated':
-      rhs = eqn.invars[1].aval.shape
-      spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, spatial...)
-      per_output = rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
-      total += math.prod(eqn.outvars[0].aval.shape) * per_output
-    elif eqn.primitive.name == 'dot_general':
-      (lhs_contract, _), _ = eqn.params['dimension_numbers']
-      lhs = eqn.invars[0].aval.shape
-      total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
-    for sub in _sub_jaxprs(eqn.params):
-      total += _multiply_adds(sub)
-  return total
-
-
-def _sub_jaxprs(params: dict):
-  """Jaxprs nested in an equation's params (pjit, remat, custom_vjp ...)."""
-  for value in params.values():
-    for item in value if isinstance(value, (tuple, list)) else (value,):
-      if isinstance(item, jax.extend.core.ClosedJaxpr):
-        yield item.jaxpr
-      elif isinstance(item, jax.extend.core.Jaxpr):
-        yield item
-
-
-def summary_table() -> str:
-  """Markdown table of every named model: parameters and G multiply-adds at native size."""
-  rows = ['| model | image | params | GMACs |', '|---|---|---|---|']
-  for name in MODELS:
-    num_classes = 1000 if MODELS[name]['stem'] == 'imagenet' else 10
-    model = create_model(name, num_classes=num_classes)
-    size = native_image_size(name)
-    params = count_params(init_shapes(model, size))
-    gmacs = count_multiply_adds(model, size) / 1e9
-    rows.append(f'| {name} | {size}x{size} | {params:,} | {gmacs:.3f} |')
-  return '\n'.join(rows)
-
-
-if __name__ == '__main__':
-  print(summary_table())
+    overrides['num_classes'] = num_classes
+  return build_model(**{**fields, **overrides})

@@ -2,7 +2,7 @@
 
 Every random op is stateless: it takes a `key`, an int64 tensor of shape [2] (the seed of the
 `tf.random.stateless_*` ops), so an augmented image is a pure function of (image, key). Constants
-and formulas follow ../shared/reference/densenet-facts.md; the ImageNet ones are those of
+and formulas, with their sources, are in docs/reference.md; the ImageNet ones are those of
 fb.resnet.torch, whose images are float RGB in [0, 1].
 
 TensorFlow is kept off the GPUs here, in the first module of the package that imports it, so the
@@ -10,6 +10,8 @@ input pipeline never takes accelerator memory from JAX.
 """
 
 import tensorflow as tf
+
+from densenet_jax.datasets import RESIZE_METHODS
 
 tf.config.set_visible_devices([], 'GPU')
 
@@ -31,7 +33,6 @@ CROP_SIZE = 224
 RESIZE_SIZE = 256
 MIN_CROP_AREA = 0.08
 CROP_TRIES = 10
-RESIZE_METHODS = ('bicubic', 'bilinear')
 
 
 def standardize(image, mean, std):

@@ -6,11 +6,9 @@ without TensorFlow can import it. `train.py` pmaps these steps over all local de
 
 from typing import Any, Callable, Optional, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
 
@@ -54,7 +52,10 @@ class TrainState(train_state.TrainState):
 
 def create_train_state(model: nn.Module, rng: jax.Array, image_shape: Sequence[int],
                        tx: optax.GradientTransformation) -> TrainState:
-  """Initializes variables on a dummy batch of shape (1, *image_shape) (jitted: one compile)."""
+  """Initializes variables on a dummy batch of shape (1, *image_shape) (jitted: one compile).
+
+  rng: a typed key (jax.random.key); the state's dropout_rng is one too.
+  """
   init_rng, dropout_rng = jax.random.split(rng)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_rng)
@@ -68,7 +69,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def classification_counts(logits: jax.Array, labels: jax.Array, top5: bool) -> dict:
+def per_example_errors(logits: jax.Array, labels: jax.Array, top5: bool) -> dict:
   """Per-example 0/1 top-1 (and top-5) errors."""
   errors = {'top1_error': (jnp.argmax(logits, -1) != labels).astype(jnp.float32)}
   if top5:
@@ -97,12 +98,12 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn: Callable,
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = {'loss': loss, 'learning_rate': learning_rate_fn(state.step)}
   metrics.update({k: v.mean() for k, v in
-                  classification_counts(logits, batch['label'], top5).items()})
+                  per_example_errors(logits, batch['label'], top5).items()})
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
   metrics['finite'] = jnp.all(jnp.array(
-      [jnp.isfinite(loss)] + [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+      [jnp.isfinite(loss)] + [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   return state, metrics
 
@@ -123,7 +124,7 @@ def eval_step(state: TrainState, batch: dict, *, top5: bool = False,
   else:
     logits = state.apply_fn(variables, images, train=False)
   mask = batch['mask'].astype(jnp.float32)
-  per_example = classification_counts(logits, batch['label'], top5)
+  per_example = per_example_errors(logits, batch['label'], top5)
   per_example['loss'] = cross_entropy(logits, batch['label'])
   sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
   sums['count'] = jnp.sum(mask)

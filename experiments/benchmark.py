@@ -6,14 +6,14 @@ the same step in PyTorch) runs in a fresh Python process, so that peak memory is
   step time    median of --steps timed steps after --warmup steps; images/s from it; also the
                best step and the median process CPU time (all threads) of a step
   compile      JAX: lowering and XLA compile of the jitted train step; torch.compile: first step
-  residuals    bytes the forward pass saves for the backward pass (models.saved_activation_bytes),
+  residuals    bytes the forward pass saves for the backward pass (costs.saved_activation_bytes),
                the same on every backend
   XLA temp     temporaries of the step compiled as train.py does, with steps.compiler_options
                (compiled.memory_analysis())
   peak         GPU: the device's peak_bytes_in_use (torch: max_memory_allocated);
                CPU: peak resident set size of the process while stepping (after compile)
 
-Synthetic data, models.py and steps.py only: neither TensorFlow, tfds, ml_collections nor clu is
+Synthetic data, models.py, costs.py and steps.py only: no TensorFlow, tfds, ml_collections or clu is
 imported. Prints a Markdown table (and our/their images/s ratios) and writes --json.
 
   python experiments/benchmark.py --model densenet_bc100_k12 --batch-size 64
@@ -42,7 +42,7 @@ CIFAR_TRAIN_IMAGES, CIFAR_EPOCHS = 50_000, 300  # the paper's C10+ run
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--model', help='a name from densenet_jax.models.list_models()')
+  p.add_argument('--model', help='a name from densenet_jax.architectures.NAMED')
   p.add_argument('--batch-size', type=int, default=64)
   p.add_argument('--image-size', type=int, help='default: the model\'s native size')
   p.add_argument('--num-classes', type=int, help='default: 1000 at 224x224, else 10')
@@ -65,9 +65,9 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.report or args.case:
     return args
-  from densenet_jax import models  # light: flax and jax, no TensorFlow
-  if args.model not in models.list_models():
-    p.error(f'--model {args.model!r}: allowed models are {", ".join(models.list_models())}')
+  from densenet_jax import architectures  # plain data: no JAX, no TensorFlow
+  if args.model not in architectures.NAMED:
+    p.error(f'--model {args.model!r}: allowed models are {", ".join(architectures.NAMED)}')
   for name, allowed in (('modes', MODES), ('dtypes', DTYPES), ('torch_runtimes', TORCH_RUNTIMES)):
     values = getattr(args, name).split(',')
     if not set(values) <= set(allowed):
@@ -76,7 +76,8 @@ def parse_args(argv=None):
     setattr(args, name, values)
   if args.batch_size < 1 or args.steps < 0 or args.warmup < 0:
     p.error('--batch-size must be >= 1, --steps and --warmup >= 0')
-  args.image_size = args.image_size or models.native_image_size(args.model)
+  args.image_size = (args.image_size
+                     or architectures.NATIVE_IMAGE_SIZE[architectures.NAMED[args.model].stem])
   args.num_classes = args.num_classes or (1000 if args.image_size == 224 else 10)
   return args
 
@@ -131,7 +132,7 @@ def jax_case(spec):
   import jax
   import jax.numpy as jnp
 
-  from densenet_jax import models, steps
+  from densenet_jax import costs, models, steps
 
   jax.config.update('jax_enable_compilation_cache', False)  # compile time is a figure here
   b, size = spec['batch_size'], spec['image_size']
@@ -149,7 +150,7 @@ def jax_case(spec):
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   result = {'lower_s': lowered_at - start, 'compile_s': time.perf_counter() - lowered_at,
-            'residual_bytes': models.saved_activation_bytes(model, size, b)}
+            'residual_bytes': costs.saved_activation_bytes(model, size, b)}
   analysis = compiled.memory_analysis()
   if analysis is not None:
     result['xla_temp_bytes'] = analysis.temp_size_in_bytes
@@ -179,14 +180,14 @@ def torch_case(spec):
   import torch.nn.functional as F
 
   import torch_densenet
-  from densenet_jax import models
+  from densenet_jax import costs
 
   b, size = spec['batch_size'], spec['image_size']
   ours = create_model(spec)
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   model = torch_densenet.build(ours).to(device, memory_format=torch.channels_last).train()
   num_params = sum(p.numel() for p in model.parameters())
-  if num_params != models.count_params(models.init_shapes(ours, size)):
+  if num_params != costs.count_params(costs.init_shapes(ours, size)):
     raise AssertionError(f'the PyTorch twin has {num_params} parameters')
   optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
                               weight_decay=1e-4)

@@ -237,17 +237,20 @@ def _metrics(prefix: str, evals: dict) -> dict:
 
 
 def result_row(point: Point, config, results: dict, gmacs: float) -> dict:
+  """The CSV row of a finished point: the network its run built (results.json's architecture),
+  its errors, and the paper's number only where that network is the paper's row."""
   error, split = reported_error(results)
-  paper = config.get('paper_test_error', None) or config.get('paper_top1_error', None)
-  model = config.model
+  architecture, paper = results['architecture'], results['paper']
   return {
       'point': point.name, 'config': point.config, **dict(point.overrides),
-      'model': model.name, 'depth': model.get('depth', ''), 'growth_rate': model.growth_rate,
-      'bottleneck': model.bottleneck, 'compression': model.compression,
-      'variant': analysis.variant_name(model.bottleneck, model.compression),
+      'model': architecture['name'], 'depth': architecture['depth'],
+      'growth_rate': architecture['growth_rate'], 'bottleneck': architecture['bottleneck'],
+      'compression': architecture['compression'], 'variant': architecture['variant'],
       'dataset': config.dataset, 'augment': config.augment, 'num_epochs': config.num_epochs,
       'num_params': results['num_params'], 'gmacs': gmacs,
-      'error_pct': error, 'error_split': split, 'paper_error_pct': '' if paper is None else paper,
+      'error_pct': error, 'error_split': split,
+      'paper_error_pct': paper['top1_error_pct'] if paper else '',
+      'paper_source': paper['source'] if paper else '',
       'final_epoch': results['final']['epoch'],
       **_metrics('final', results['final']['eval']), **_metrics('best', results['best']['eval']),
       'wall_time_sec': results['wall_time_sec'],
@@ -257,12 +260,12 @@ def result_row(point: Point, config, results: dict, gmacs: float) -> dict:
 def multiply_adds(config) -> float:
   """G multiply-adds of one forward pass at the size the run is fed (3 input channels assumed)."""
   # TensorFlow (input pipeline) loads only here, so checking and --print stay fast.
-  from densenet_jax import input_pipeline, models, train  # pylint: disable=import-outside-toplevel
+  from densenet_jax import costs, input_pipeline, train  # pylint: disable=import-outside-toplevel
   info = input_pipeline.dataset_info(config.dataset, config.data_dir,
                                      holdout_validation=config.holdout_validation,
                                      image_size=config.image_size)
   model = train.create_model_from_config(config, info.num_classes)
-  return models.count_multiply_adds(model, info.image_shape[0]) / 1e9
+  return costs.count_multiply_adds(model, info.image_shape[0]) / 1e9
 
 
 def collect(points: list, configs: list, root: str) -> list:

@@ -55,11 +55,11 @@ def last_checkpoint(workdir: str):
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(), record=ocp.args.JsonRestore()))
   manager.close()
-  return step, jax.tree_util.tree_map(np.asarray, restored['state']), restored['record']
+  return step, jax.tree.map(np.asarray, restored['state']), restored['record']
 
 
 def assert_bitwise_equal(a, b):
-  leaves_a, leaves_b = (jax.tree_util.tree_leaves_with_path(t) for t in (a, b))
+  leaves_a, leaves_b = (jax.tree.leaves_with_path(t) for t in (a, b))
   assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
   different = [jax.tree_util.keystr(p) for (p, x), (_, y) in zip(leaves_a, leaves_b)
                if x.dtype != y.dtype or not np.array_equal(x, y)]

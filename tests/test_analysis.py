@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from densenet_jax import analysis, checkpoints, models, steps
+from densenet_jax import analysis, checkpoints, costs, models, steps
 
 NAN = math.nan
 
@@ -19,7 +19,7 @@ def hand_set(params: dict, scales: dict) -> dict:
 
   The mean |w| over input channels [a, b) is then scale * (a + b + 1) / 2.
   """
-  params = jax.tree_util.tree_map(np.asarray, params)
+  params = jax.tree.map(np.asarray, params)
   for path, scale in scales.items():
     node = params
     for part in path.split('/')[:-1]:
@@ -34,8 +34,8 @@ def hand_set(params: dict, scales: dict) -> dict:
 def random_variables(model, seed=0):
   """Variables of the model's structure, drawn at random (no init, nothing compiled)."""
   rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
-                                models.init_shapes(model, 8))
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
+                                costs.init_shapes(model, 8))
 
 
 def init_params(model):
@@ -76,7 +76,7 @@ def test_feature_reuse_of_a_bottleneck_model_reads_the_1x1_convs():
 
 def test_feature_reuse_rejects_kernels_that_do_not_fit_the_block():
   model = models.DenseNet(block_sizes=(2,), growth_rate=2, stem_features=3)
-  params = jax.tree_util.tree_map(np.asarray, init_params(model))
+  params = jax.tree.map(np.asarray, init_params(model))
   params['classifier']['kernel'] = params['classifier']['kernel'][:6]
   with pytest.raises(ValueError, match='6 input channels does not read exactly the 7 channels'):
     analysis.feature_reuse(params)
@@ -101,12 +101,12 @@ def workdir(tmp_path_factory):
   state = steps.TrainState.create(apply_fn=model.apply, params=variables['params'],
                                   batch_stats=variables['batch_stats'],
                                   tx=steps.sgd_nesterov(0.1, 0.9, 1e-4),
-                                  dropout_rng=jax.random.PRNGKey(0))  # as train.py makes it
+                                  dropout_rng=jax.random.key(0))  # as train.py makes it
   ckpt = checkpoints.Checkpoints(os.path.join(workdir, 'checkpoints'))
   for i, entry in enumerate(HISTORY):
     scale = lambda x, i=i: x * (i + 1)  # pylint: disable=unnecessary-lambda-assignment
     ckpt.save(state.replace(step=entry['step'],
-                            params=jax.tree_util.tree_map(scale, state.params)),
+                            params=jax.tree.map(scale, state.params)),
               {'history': HISTORY[:i + 1]},
               selection_error=entry['eval']['validation']['top1_error'])
   ckpt.wait()
@@ -177,9 +177,3 @@ def test_error_vs_params_draws_a_line_per_variant(tmp_path):
       'error_vs_params.png', 'error_vs_flops.png']
   with pytest.raises(ValueError, match="x='depth': allowed: num_params, gmacs"):
     analysis.plot_error_vs(rows, 'depth')
-
-
-def test_variant_names():
-  assert [analysis.variant_name(b, c) for b, c in [(False, 1.0), (True, 1.0), (False, 0.5),
-                                                    (True, 0.5)]] == [
-      'DenseNet', 'DenseNet-B', 'DenseNet-C', 'DenseNet-BC']

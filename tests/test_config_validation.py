@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from configs import cifar, digits
-from densenet_jax import config_validation
+from densenet_jax import architectures, config_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = '--config=configs/digits.py'
@@ -26,8 +26,20 @@ def run_main(args, timeout=60):
 
 
 @pytest.mark.parametrize('args,message', [
-    ([DIGITS, '--config.model.name=densenet7'],
-     "config.model: model 'densenet7' is unknown; available models: densenet40_k12, "),
+    ([DIGITS, '--config.model.stem=resnet'],
+     "config.model: stem='resnet': allowed stems are cifar, imagenet"),
+    ([DIGITS, '--config.augment=True', '--config.dataset=svhn_cropped'],
+     'config.augment=True: svhn_cropped is trained without augmentation, as in the paper: set '
+     'augment=False'),
+    ([DIGITS, '--config.dataset=cifar10'],
+     "config.image_size=16: only for digits, not 'cifar10'"),
+    ([DIGITS, '--config.holdout_validation=True'],
+     'config.holdout_validation=True: only for cifar10, cifar100, svhn_cropped, not '
+     "'digits' (svhn_cropped always holds out its validation set)"),
+    ([DIGITS, '--config.ten_crop=True'], "config.ten_crop=True: only for imagenet2012, not "
+                                         "'digits'"),
+    (['--config=configs/imagenet_densenet121.py', '--config.eval_resize=nearest'],
+     "config.eval_resize='nearest': allowed: bicubic, bilinear"),
     ([DIGITS, '--config.dataset=mnist'],
      "config.dataset='mnist': allowed datasets are digits, cifar10, cifar100, svhn_cropped, "
      'imagenet2012'),
@@ -50,7 +62,7 @@ def run_main(args, timeout=60):
      '(0, num_epochs=30)'),
     ([DIGITS, '--config.model.grwth_rate=12'],
      "--config.model.grwth_rate=12: config.model has no field 'grwth_rate'; its fields are "
-     'bottleneck, compression, depth, dropout_rate, dtype, growth_rate, memory_efficient, name'),
+     'bottleneck, compression, depth, dropout_rate, dtype, growth_rate, memory_efficient, stem'),
     ([DIGITS, '--config.nope=1'], "--config.nope=1: config has no field 'nope'; its fields are "),
     ([DIGITS, '--config.batch_size=abc'],
      "--config.batch_size=abc: expected int (flag --config.batch_size=abc: invalid literal for "
@@ -87,8 +99,8 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path, name, hint):
 
 
 def test_every_paper_config_is_valid():
-  for model_name in cifar.MODELS:
-    for dataset in cifar.DATASETS:
+  for model_name in architectures.TABLE2:
+    for dataset in architectures.TABLE2_COLUMNS:
       config_validation.validate(cifar.get_config(f'{model_name},{dataset}'), device_count=4)
   config_validation.validate(digits.get_config(), device_count=8)
 
@@ -121,6 +133,6 @@ def test_unknown_field_names_the_group_and_its_fields():
   assert config_validation.unknown_field(config, 'model.growth_rate') is None
   assert config_validation.unknown_field(config, 'model.k') == (
       "config.model has no field 'k'; its fields are bottleneck, compression, depth, "
-      'dropout_rate, dtype, growth_rate, memory_efficient, name')
+      'dropout_rate, dtype, growth_rate, memory_efficient, stem')
   assert config_validation.unknown_field(config, 'seed.x') == (
       'config.seed is a value, not a group of fields')

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import pytest
 
 from configs import cifar
-from densenet_jax import config_validation, models, steps
-from densenet_jax.train import create_model_from_config
+from densenet_jax import architectures, config_validation, models, steps
+from densenet_jax.train import architecture_of, create_model_from_config
 
-TABLE2 = [(m, d) for m in cifar.MODELS for d in cifar.DATASETS]
+TABLE2 = [(m, d) for m in architectures.TABLE2 for d in architectures.TABLE2_COLUMNS]
 EIGHT_DEVICES = 8  # one GPU server or TPU host: every config must run there unchanged
 TABLE3 = {'121': (256, 90, (30, 60)), '169': (256, 90, (30, 60)), '201': (256, 90, (30, 60)),
           '264': (256, 90, (30, 60)), '161': (128, 100, (30, 60, 90))}
@@ -35,16 +35,24 @@ def test_table2_config_has_the_paper_hyperparameters(model_name, dataset):
   assert config.dataset == {'c': 'cifar', 's': 'svhn_cropped'}[dataset[0]] + (
       '' if dataset == 'svhn' else ('100' if '100' in dataset else '10'))
   assert config.holdout_validation == (dataset == 'svhn')
+  assert architecture_of(config) == architectures.NAMED[model_name]
   model = create_model_from_config(config, num_classes=10)
   assert model == models.create_model(model_name, num_classes=10, dropout_rate=model.dropout_rate,
                                       axis_name=steps.AXIS_NAME)
   config_validation.validate(config, EIGHT_DEVICES)
 
 
-def test_table2_paper_errors_are_in_the_configs():
-  assert cifar.get_config('densenet_bc190_k40,c100+').paper_test_error == 17.18
-  assert cifar.get_config('densenet40_k12,svhn').paper_test_error == 1.79
-  assert cifar.get_config('densenet_bc190_k40,c10').paper_test_error is None
+def _paper(arg):
+  config = cifar.get_config(arg)
+  return architectures.paper_result(architecture_of(config), config.dataset, config.augment)
+
+
+def test_table2_paper_errors_follow_the_configs():
+  assert _paper('densenet_bc190_k40,c100+') == {'source': 'Table 2, C100+',
+                                                 'top1_error_pct': 17.18}
+  assert _paper('densenet40_k12,svhn') == {'source': 'Table 2, SVHN', 'top1_error_pct': 1.79}
+  assert _paper('densenet_bc190_k40,c10') is None
+  assert _paper('densenet40_k12,c10+,quick') is None  # depth 7 is not the row's network
 
 
 @pytest.mark.parametrize('name', list(TABLE3))
@@ -56,6 +64,7 @@ def test_table3_config_has_the_paper_hyperparameters(name):
       batch, epochs, decays)
   assert config.dataset == 'imagenet2012' and config.augment
   assert config.model.dropout_rate == 0.0
+  assert architecture_of(config) == architectures.NAMED[f'densenet{name}']
   model = create_model_from_config(config, num_classes=1000)
   assert model == models.create_model(f'densenet{name}', num_classes=1000,
                                       axis_name=steps.AXIS_NAME)
@@ -74,18 +83,17 @@ def _trace_train_step(config, num_classes, image_shape):
   model = create_model_from_config(config, num_classes)
   lr_fn = steps.learning_rate_schedule(config.learning_rate, 100, config.lr_decay_epochs)
   tx = steps.sgd_nesterov(lr_fn, config.momentum, config.weight_decay)
-  state = jax.eval_shape(lambda: steps.create_train_state(model, jax.random.PRNGKey(0),
+  state = jax.eval_shape(lambda: steps.create_train_state(model, jax.random.key(0),
                                                           image_shape, tx))
   batch = {'image': jax.ShapeDtypeStruct((2, *image_shape), jnp.float32),
            'label': jax.ShapeDtypeStruct((2,), jnp.int32)}
   step = functools.partial(steps.train_step, learning_rate_fn=lr_fn, axis_name=None)
   new_state, metrics = jax.eval_shape(step, state, batch)
-  assert jax.tree_util.tree_structure(new_state.params) == jax.tree_util.tree_structure(
-      state.params)
+  assert jax.tree.structure(new_state.params) == jax.tree.structure(state.params)
   assert metrics['loss'].shape == ()
 
 
-@pytest.mark.parametrize('model_name', list(cifar.MODELS))
+@pytest.mark.parametrize('model_name', list(architectures.TABLE2))
 def test_table2_train_step_traces(model_name):
   config = cifar.get_config(f'{model_name},c10')  # dropout on: the dropout path traces too
   _trace_train_step(config, 10, (32, 32, 3))

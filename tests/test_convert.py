@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from densenet_jax import convert, models
+from densenet_jax import convert, costs, models
 
 IMAGE_SIZE = 64  # ImageNet DenseNets at 64x64: blocks at 16, 8, 4 and 2 pixels
 NUM_CLASSES = 10
@@ -56,8 +56,8 @@ def random_norm(rng, channels):
 
 
 def assert_trees_equal(got, expected):
-  got_leaves, got_tree = jax.tree_util.tree_flatten(got)
-  expected_leaves, expected_tree = jax.tree_util.tree_flatten(expected)
+  got_leaves, got_tree = jax.tree.flatten(got)
+  expected_leaves, expected_tree = jax.tree.flatten(expected)
   assert got_tree == expected_tree
   for a, b in zip(got_leaves, expected_leaves):
     assert a.dtype == np.float32 and a.shape == b.shape
@@ -92,7 +92,7 @@ def torch_key(path) -> str:
 def torchvision_state_dict(variables, legacy=False) -> dict:
   """The inverse of from_torchvision, with num_batches_tracked counters like torch's."""
   state_dict = {}
-  for path, value in jax.tree_util.tree_flatten_with_path(variables)[0]:
+  for path, value in jax.tree.flatten_with_path(variables)[0]:
     path = tuple(k.key for k in path)
     key = torch_key(path)
     if path[-1] == 'kernel':
@@ -106,7 +106,7 @@ def torchvision_state_dict(variables, legacy=False) -> dict:
 
 
 def random_variables(name, rng):
-  shapes = models.init_shapes(models.create_model(name, num_classes=NUM_CLASSES), 224)
+  shapes = costs.init_shapes(models.create_model(name, num_classes=NUM_CLASSES), 224)
   return jax.tree.map(
       lambda s: np.abs(rng.normal(size=s.shape)).astype(np.float32), shapes)
 

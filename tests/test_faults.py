@@ -15,6 +15,7 @@ import signal
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
@@ -35,13 +36,13 @@ DIGITS_STEPS_PER_EPOCH = 1437 // 64
 def state():
   model = models.create_model('densenet_bc100_k12', depth=10, growth_rate=2, num_classes=3)
   tx = steps.sgd_nesterov(optax.constant_schedule(0.1), 0.9, 1e-4)
-  return jax.device_get(steps.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 1), tx))
+  return jax.device_get(steps.create_train_state(model, jax.random.key(0), (8, 8, 1), tx))
 
 
 def at_step(state, step):
   """A distinct state per step: params shifted by the step."""
   return state.replace(step=np.int32(step),
-                       params=jax.tree_util.tree_map(lambda p: p + step, state.params))
+                       params=jax.tree.map(lambda p: p + step, state.params))
 
 
 def save(directory, state, step_numbers, **kwargs):
@@ -63,6 +64,43 @@ CORRUPTIONS = {
     'garbled record': lambda path: (path / 'record' / 'metadata').write_text('{"hist'),
     'missing state metadata': lambda path: (path / 'state' / '_METADATA').unlink(),
 }
+
+
+def test_a_checkpoint_with_a_legacy_key_restores_and_resumes_bitwise(tmp_path):
+  """Checkpoints written before typed keys hold dropout_rng as a uint32[2] jax.random.PRNGKey
+  (train.py made the state from one): restored, it is the same key, and the next step with
+  dropout is bitwise the step the legacy state takes."""
+  model = models.create_model('densenet_bc100_k12', depth=10, growth_rate=2, num_classes=3,
+                              dropout_rate=0.5)
+  lr_fn = optax.constant_schedule(0.1)
+  tx = steps.sgd_nesterov(lr_fn, 0.9, 1e-4)
+  legacy = steps.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 1), tx)
+  assert legacy.dropout_rng.dtype == np.uint32 and legacy.dropout_rng.shape == (2,)
+  manager = ocp.CheckpointManager(str(tmp_path), item_names=('state', 'record'))
+  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({
+      'step': legacy.step, 'params': legacy.params, 'batch_stats': legacy.batch_stats,
+      'opt_state': legacy.opt_state, 'dropout_rng': legacy.dropout_rng}),
+      record=ocp.args.JsonSave({'history': []})))
+  manager.wait_until_finished()
+  manager.close()
+
+  template = steps.create_train_state(model, jax.random.key(1), (8, 8, 1), tx)
+  ckpt = checkpoints.Checkpoints(str(tmp_path))
+  restored, record = ckpt.restore(template)
+  ckpt.close()
+  assert record == {'history': []}
+  assert jax.dtypes.issubdtype(restored.dropout_rng.dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(restored.dropout_rng), legacy.dropout_rng)
+  step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=lr_fn, axis_name=None))
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(4, 8, 8, 1)).astype(np.float32),
+           'label': np.arange(4, dtype=np.int32) % 3}
+  expected, resumed = step(legacy, batch)[0], step(restored, batch)[0]
+  for a, b in zip(jax.tree.leaves(expected.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(a, b)
+  other = step(restored.replace(dropout_rng=jax.random.key(7)), batch)[0]  # the key matters
+  assert not all(np.array_equal(a, b) for a, b in
+                 zip(jax.tree.leaves(expected.params), jax.tree.leaves(other.params)))
 
 
 @pytest.mark.parametrize('corruption', list(CORRUPTIONS))
@@ -222,7 +260,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
   assert main_runs.complete_steps(workdir) == [DIGITS_STEPS_PER_EPOCH]
   step, saved, _ = main_runs.last_checkpoint(str(workdir))
   assert step == DIGITS_STEPS_PER_EPOCH
-  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(saved['params']))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved['params']))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,12 +14,15 @@ from sklearn import datasets
 import tensorflow_datasets as tfds
 
 from densenet_jax import input_pipeline as ip
+from densenet_jax import devices
+from densenet_jax.devices import Topology
 import tfds_fixtures
 
 CIFAR10_TRAIN, CIFAR10_TEST = np.arange(64), np.arange(1000, 1061)  # 61: uneven shards
 SVHN_TRAIN, SVHN_EXTRA, SVHN_TEST = np.arange(60), np.arange(100, 140), np.arange(200, 230)
+LOCAL_DEVICES = jax.local_device_count()  # 8 (conftest.py)
 SMALL_HOLDOUTS = {'CIFAR_HOLDOUT': 16, 'SVHN_HOLDOUT_PER_CLASS': {'train': 2, 'extra': 1}}
-# The facts sheet's per-channel (mean, std) on the 0..255 scale.
+# The per-channel (mean, std) on the 0..255 scale of docs/reference.md.
 CIFAR_STATS = {'cifar10': ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
                'cifar100': ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4))}
 
@@ -55,16 +58,22 @@ def ids(batch, name='cifar10'):
   return tfds_fixtures.decode_ids(images)
 
 
+def on_local_devices(global_batch_size):
+  """One process's topology over this test process's devices."""
+  return Topology(global_batch_size, local_device_count=LOCAL_DEVICES)
+
+
 def take(iterator, n):
   return list(itertools.islice(iterator, n))
 
 
-def eval_ids(name, split, process_count, **kwargs):
+def eval_ids(name, split, process_count, global_batch_size, local_device_count=LOCAL_DEVICES,
+             **kwargs):
   """Ids seen (mask 1) by all the processes, and each process's number of steps."""
   seen, steps = [], []
   for process in range(process_count):
-    batches, num_steps = ip.create_eval_iterator(
-        name, split, process_index=process, process_count=process_count, **kwargs)
+    topology = Topology(global_batch_size, process, process_count, local_device_count)
+    batches, num_steps = ip.create_eval_iterator(name, split, topology=topology, **kwargs)
     batches = list(batches)
     assert len(batches) == num_steps
     steps.append(num_steps)
@@ -91,7 +100,7 @@ def test_dataset_info(data_dir):
 
 
 def test_errors_name_what_is_wrong_and_how_to_fix_it(data_dir, tmp_path):
-  with pytest.raises(ValueError, match="'mnist'; available: digits, cifar10, cifar100"):
+  with pytest.raises(ValueError, match="'mnist': allowed datasets are digits, cifar10, "):
     ip.dataset_info('mnist', data_dir)
   with pytest.raises(FileNotFoundError) as error:
     ip.dataset_info('imagenet2012', str(tmp_path))
@@ -105,34 +114,36 @@ def test_errors_name_what_is_wrong_and_how_to_fix_it(data_dir, tmp_path):
   with pytest.raises(ValueError, match='holdout_validation'):
     ip.dataset_info('imagenet2012', data_dir, holdout_validation=True)
   with pytest.raises(ValueError, match='ten_crop'):
-    ip.create_eval_iterator('cifar10', 'test', data_dir=data_dir, global_batch_size=8,
+    ip.create_eval_iterator('cifar10', 'test', data_dir=data_dir, topology=on_local_devices(8),
                             ten_crop=True)
   with pytest.raises(ValueError, match='augment=False'):
-    ip.create_train_iterator('svhn_cropped', data_dir=data_dir, global_batch_size=8, seed=0)
-  with pytest.raises(ValueError, match='not a multiple of 2 processes x 8 local devices'):
-    ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=24, seed=0,
-                             process_index=0, process_count=2)
+    ip.create_train_iterator('svhn_cropped', data_dir=data_dir, topology=on_local_devices(8),
+                             seed=0)
+  with pytest.raises(ValueError, match=r'must be a multiple of the device count \(16\)'):
+    ip.create_train_iterator('cifar10', data_dir=data_dir, seed=0,
+                             topology=Topology(24, process_count=2, local_device_count=8))
   with pytest.raises(ValueError, match="split 'validation'"):
-    ip.create_eval_iterator('cifar10', 'validation', data_dir=data_dir, global_batch_size=8)
+    ip.create_eval_iterator('cifar10', 'validation', data_dir=data_dir,
+                            topology=on_local_devices(8))
 
 
 def test_cifar_train_batches(data_dir):
-  batch = next(ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=16,
-                                        seed=0))
+  batch = next(ip.create_train_iterator('cifar10', data_dir=data_dir,
+                                        topology=on_local_devices(16), seed=0))
   assert batch['image'].shape == (8, 2, 32, 32, 3) and batch['image'].dtype == np.float32
   assert batch['label'].shape == (8, 2) and batch['label'].dtype == np.int32
   mean, std = CIFAR_STATS['cifar10']
   low, high = (0 - np.array(mean)) / std, (255 - np.array(mean)) / std
   assert (batch['image'] >= low - 1e-5).all() and (batch['image'] <= high + 1e-5).all()
   assert (batch['image'] == 0).all(axis=-1).any()  # zero padding of the random crops
-  plain = next(ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=16,
-                                        seed=0, augment=False))
+  plain = next(ip.create_train_iterator('cifar10', data_dir=data_dir,
+                                        topology=on_local_devices(16), seed=0, augment=False))
   np.testing.assert_array_equal(ids(plain) % 10, plain['label'].reshape(-1))
 
 
 def test_cifar100_pipelines(data_dir):
-  batch = next(ip.create_train_iterator('cifar100', data_dir=data_dir, global_batch_size=16,
-                                        seed=0, augment=False))
+  batch = next(ip.create_train_iterator('cifar100', data_dir=data_dir,
+                                        topology=on_local_devices(16), seed=0, augment=False))
   np.testing.assert_array_equal(ids(batch, 'cifar100') * 2, batch['label'].reshape(-1))
   seen, steps = eval_ids('cifar100', 'test', 1, data_dir=data_dir, global_batch_size=16)
   np.testing.assert_array_equal(np.sort(seen), np.arange(40, 60))
@@ -141,8 +152,8 @@ def test_cifar100_pipelines(data_dir):
 
 def test_order_is_a_function_of_seed_and_epoch(data_dir):
   def epochs(seed):  # 64 examples, 4 steps of 16 per epoch
-    iterator = ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=16,
-                                        seed=seed, augment=False)
+    iterator = ip.create_train_iterator('cifar10', data_dir=data_dir,
+                                        topology=on_local_devices(16), seed=seed, augment=False)
     return [np.concatenate([ids(b) for b in take(iterator, 4)]) for _ in range(3)]
   first = epochs(seed=1)
   for epoch, again in zip(first, epochs(seed=1)):
@@ -162,13 +173,15 @@ def test_order_is_a_function_of_seed_and_epoch(data_dir):
     # 48 examples, 3 steps an epoch: resume inside the first epoch and at the second's start
     ('cifar10', 16, (2, 3), {'holdout_validation': True}),
     # 12 examples, 3 steps an epoch: resume inside the second epoch
-    ('imagenet2012', 4, (4,), {'local_device_count': 2}),
+    ('imagenet2012', 4, (4,), {'local_devices': 2}),
 ])
 def test_resume_at_start_step_yields_the_uninterrupted_batches(data_dir, name, batch_size,
                                                                start_steps, kwargs):
+  topology = Topology(batch_size, local_device_count=kwargs.pop('local_devices', LOCAL_DEVICES))
+
   def stream(start_step, n):
-    return take(ip.create_train_iterator(name, data_dir=data_dir, global_batch_size=batch_size,
-                                         seed=3, start_step=start_step, **kwargs), n)
+    return take(ip.create_train_iterator(name, data_dir=data_dir, topology=topology, seed=3,
+                                         start_step=start_step, **kwargs), n)
   uninterrupted = stream(0, 5)
   for start_step in start_steps:
     for resumed, expected in zip(stream(start_step, 5 - start_step), uninterrupted[start_step:]):
@@ -181,8 +194,8 @@ def test_train_shards_of_processes_are_disjoint_and_cover_the_split(data_dir, pr
   per_process = []
   for process in range(process_count):
     iterator = ip.create_train_iterator(
-        'cifar10', data_dir=data_dir, global_batch_size=16, seed=0, augment=False,
-        process_index=process, process_count=process_count, local_device_count=2)
+        'cifar10', data_dir=data_dir, seed=0, augment=False,
+        topology=Topology(16, process, process_count, local_device_count=2))
     per_process.append(np.concatenate([ids(b) for b in take(iterator, 4)]))  # one epoch
   assert all(len(p) == 64 // process_count for p in per_process)
   np.testing.assert_array_equal(np.sort(np.concatenate(per_process)), CIFAR10_TRAIN)
@@ -203,7 +216,7 @@ def test_cifar_holdout_is_the_last_examples_of_train(data_dir):
   seen, _ = eval_ids('cifar10', 'validation', 2, data_dir=data_dir, global_batch_size=8,
                      holdout_validation=True, local_device_count=2)
   np.testing.assert_array_equal(np.sort(seen), np.sort(tfds_fixtures.decode_ids(last)))
-  iterator = ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=16,
+  iterator = ip.create_train_iterator('cifar10', data_dir=data_dir, topology=on_local_devices(16),
                                       seed=0, augment=False, holdout_validation=True)
   train = np.concatenate([ids(b) for b in take(iterator, 3)])
   np.testing.assert_array_equal(np.sort(np.concatenate([train, seen])), CIFAR10_TRAIN)
@@ -222,8 +235,8 @@ def test_svhn_holds_out_per_class_from_train_and_extra(data_dir):
   train = []
   for process in range(2):  # 70 training examples: one epoch of 5 steps of 14
     iterator = ip.create_train_iterator(
-        'svhn_cropped', data_dir=data_dir, global_batch_size=14, seed=0, augment=False,
-        process_index=process, process_count=2, local_device_count=1)
+        'svhn_cropped', data_dir=data_dir, seed=0, augment=False,
+        topology=Topology(14, process, process_count=2, local_device_count=1))
     batches = take(iterator, 5)
     assert all((b['image'] >= 0).all() and (b['image'] <= 1).all() for b in batches)
     train.append(np.concatenate([ids(b, 'svhn_cropped') for b in batches]))
@@ -238,11 +251,11 @@ def test_svhn_holds_out_per_class_from_train_and_extra(data_dir):
 def test_imagenet_pipelines(data_dir):
   builder = tfds.builder('imagenet2012', data_dir=data_dir)
   expected = np.sort(tfds.as_numpy(builder.as_dataset(split='validation', batch_size=-1))['label'])
-  batch = next(ip.create_train_iterator('imagenet2012', data_dir=data_dir, global_batch_size=4,
-                                        seed=0, local_device_count=2))
+  batch = next(ip.create_train_iterator('imagenet2012', data_dir=data_dir, seed=0,
+                                        topology=Topology(4, local_device_count=2)))
   assert batch['image'].shape == (2, 2, 224, 224, 3) and batch['image'].dtype == np.float32
   assert set(batch['label'].reshape(-1)) <= {0, 1, 2}
-  kwargs = {'data_dir': data_dir, 'global_batch_size': 4, 'local_device_count': 2}
+  kwargs = {'data_dir': data_dir, 'topology': Topology(4, local_device_count=2)}
   batches, steps = ip.create_eval_iterator('imagenet2012', 'validation', **kwargs)
   first, again = list(batches), list(batches)
   assert steps == len(first) == 2 and first[0]['image'].shape == (2, 2, 224, 224, 3)
@@ -263,9 +276,10 @@ def test_imagenet_pipelines(data_dir):
 
 def test_prefetch_to_device_feeds_pmap(data_dir):
   def batches():
-    return ip.create_train_iterator('cifar10', data_dir=data_dir, global_batch_size=16, seed=0)
+    return ip.create_train_iterator('cifar10', data_dir=data_dir, topology=on_local_devices(16),
+                                    seed=0)
   expected = take(batches(), 3)
-  device_batches = list(ip.prefetch_to_device(take(batches(), 3), size=2))
+  device_batches = list(devices.prefetch_to_device(take(batches(), 3), size=2))
   assert len(device_batches) == 3
   total = jax.pmap(lambda b: (b['image'].sum(), b['label'] + 1))
   for host, device in zip(expected, device_batches):
@@ -281,7 +295,7 @@ def test_digits_prepares_offline_with_a_stratified_split(tmp_path):
   info = ip.dataset_info('digits', data_dir)
   assert info == ip.DatasetInfo('digits', 10, (8, 8, 1), 1437, {'test': 360}, ('test',))
   batches, steps = ip.create_eval_iterator('digits', 'test', data_dir=data_dir,
-                                           global_batch_size=128, local_device_count=1)
+                                           topology=Topology(128, local_device_count=1))
   batches = list(batches)
   assert steps == len(batches) == 3
   mask = np.concatenate([b['mask'].reshape(-1) for b in batches]) == 1
@@ -291,7 +305,7 @@ def test_digits_prepares_offline_with_a_stratified_split(tmp_path):
   assert np.abs(np.bincount(labels) - 360 * np.bincount(all_labels) / 1797).max() <= 1
   assert images.min() == 0 and images.max() == 1
   np.testing.assert_array_equal(images * 16, np.rint(images * 16))  # pixels / 16
-  upscaled = next(ip.create_train_iterator('digits', data_dir=data_dir, global_batch_size=16,
-                                           seed=0, image_size=32))
+  upscaled = next(ip.create_train_iterator('digits', data_dir=data_dir,
+                                           topology=on_local_devices(16), seed=0, image_size=32))
   assert upscaled['image'].shape == (8, 2, 32, 32, 1)
   assert ip.dataset_info('digits', data_dir, image_size=32).image_shape == (32, 32, 1)

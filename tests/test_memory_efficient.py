@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from densenet_jax import models, steps
+from densenet_jax import costs, models, steps
 
 TINY = dict(block_sizes=(2, 3), growth_rate=4, bottleneck=True, compression=0.5, stem_features=6,
             dropout_rate=0.2, num_classes=5)
@@ -30,8 +30,8 @@ def images(batch=BATCH, size=SIZE):
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
@@ -39,7 +39,7 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 def test_same_variables(bottleneck):
   plain = tiny(False, bottleneck=bottleneck).init(jax.random.key(0), images())
   lean = tiny(True, bottleneck=bottleneck).init(jax.random.key(0), images())
-  assert jax.tree_util.tree_map(jnp.shape, plain) == jax.tree_util.tree_map(jnp.shape, lean)
+  assert jax.tree.map(jnp.shape, plain) == jax.tree.map(jnp.shape, lean)
   assert_trees_close(plain, lean, rtol=0, atol=0)
 
 
@@ -70,7 +70,7 @@ def test_same_outputs_gradients_and_statistics(bottleneck):
   np.testing.assert_allclose(lean_eval, plain_eval, rtol=1e-5, atol=1e-6)
   assert_trees_close(lean_stats, plain_stats)
   assert_trees_close(lean_grads, plain_grads, rtol=1e-4, atol=1e-5)
-  assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(lean_grads)) > 1e-3
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(lean_grads)) > 1e-3
 
 
 def optimizer_and_train_step():
@@ -110,7 +110,7 @@ def one_block(num_layers, memory_efficient):
 
 def test_saved_activations_grow_linearly_only_in_memory_efficient_mode():
   batch, k = 8, 4
-  saved = {me: [models.saved_activation_bytes(one_block(n, me), SIZE, batch) for n in (3, 6, 12)]
+  saved = {me: [costs.saved_activation_bytes(one_block(n, me), SIZE, batch) for n in (3, 6, 12)]
            for me in (False, True)}
   # Layers 4-6 and 7-12: a linear total grows twice as much over the second span, a quadratic
   # one more than that.
@@ -158,7 +158,7 @@ def test_saved_activation_bytes_agree_with_jax():
     dtype, shape = re.match(r'(\w+)\[([\d,]*)\]', line).groups()
     listed += math.prod(int(d) for d in shape.split(',') if d) * ITEMSIZE[dtype]
   assert listed > 0
-  assert models.saved_activation_bytes(model, SIZE, BATCH) == listed
+  assert costs.saved_activation_bytes(model, SIZE, BATCH) == listed
 
 
 def count_primitives(jaxpr, names, counts=None):
@@ -166,7 +166,7 @@ def count_primitives(jaxpr, names, counts=None):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in names:
       counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
-    for sub in models._sub_jaxprs(eqn.params):
+    for sub in costs._sub_jaxprs(eqn.params):
       count_primitives(sub, names, counts)
   return counts
 

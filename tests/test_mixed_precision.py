@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from densenet_jax import models, steps
+from densenet_jax import costs, models, steps
 
 SIZE, BATCH = 8, 8
 
@@ -33,26 +33,26 @@ def one_step(dtype, memory_efficient=False):
 
 
 def flat(tree):
-  return jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+  return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
 def test_bf16_model_computes_convolutions_in_bf16():
   model = tiny('bfloat16')
-  variables = models.init_shapes(model, SIZE)
+  variables = costs.init_shapes(model, SIZE)
   x = jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 3), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
       variables, x).jaxpr
   convs = [e for e in jaxpr.eqns if e.primitive.name in ('conv_general_dilated', 'dot_general')]
   assert len(convs) == 1 + 2 * 4 + 1 + 1  # stem, 4 bottleneck layers, transition, classifier
   assert all(v.aval.dtype == jnp.bfloat16 for e in convs for v in e.invars)
-  assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(variables))
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
 
 
 @pytest.mark.parametrize('memory_efficient', [False, True])
 def test_bf16_state_and_loss_stay_float32(memory_efficient):
   _, state, metrics = one_step('bfloat16', memory_efficient)
   for tree in (state.params, state.opt_state, state.batch_stats):
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert leaves and all(x.dtype == jnp.float32 for x in leaves)
   assert metrics['loss'].dtype == jnp.float32 and bool(metrics['finite'])
 

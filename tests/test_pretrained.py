@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from densenet_jax import convert, input_pipeline, models, steps, train
+from densenet_jax import convert, input_pipeline, models, steps
+from densenet_jax.devices import Topology
 import tfds_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,8 +53,7 @@ def test_evaluate_mode_scores_imported_keras_weights_like_keras(tmp_path, keras_
 
   # Keras itself on the same preprocessed (bicubic resize 256, center crop 224) images.
   batches, _ = input_pipeline.create_eval_iterator(
-      'imagenet2012', 'validation', data_dir=str(data_dir), global_batch_size=8,
-      process_index=0, process_count=1, local_device_count=1)
+      'imagenet2012', 'validation', data_dir=str(data_dir), topology=Topology(8))
   losses, errors, count = [], [], 0
   for batch in batches:
     mask = batch['mask'][0] == 1
@@ -76,10 +76,10 @@ def test_imported_weights_with_other_classes_get_a_new_head(keras_file):
   previous = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', True)  # only the init runs: compile fast
   try:
-    state = steps.create_train_state(model, jax.random.PRNGKey(0), (32, 32, 3), optax.sgd(0.1))
+    state = steps.create_train_state(model, jax.random.key(0), (32, 32, 3), optax.sgd(0.1))
   finally:
     jax.config.update('jax_disable_most_optimizations', previous)
-  loaded = train.load_initial_weights(path, state)
+  loaded = convert.load_initial_weights(path, state)
   np.testing.assert_array_equal(loaded.params['classifier']['kernel'],
                                 state.params['classifier']['kernel'])  # fresh 10-class head
   np.testing.assert_array_equal(loaded.params['block4']['layer16']['composite']['conv']['kernel'],

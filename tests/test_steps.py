@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from densenet_jax import models, steps
+from densenet_jax.devices import replicate
 
 
 def test_optimizer_matches_torch_style_nesterov_sgd_with_weight_decay():
   rng = np.random.default_rng(0)
   params = {'w': rng.normal(size=(3, 4)).astype(np.float32),
             'bn': {'scale': np.ones(4, np.float32), 'bias': rng.normal(size=4).astype(np.float32)}}
-  grads = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
            for _ in range(5)]
   lr, mu, wd = 0.1, 0.9, 1e-4
   tx = steps.sgd_nesterov(lr, mu, wd)
@@ -22,7 +23,7 @@ def test_optimizer_matches_torch_style_nesterov_sgd_with_weight_decay():
   ours = params
   for g in grads:
     updates, opt_state = tx.update(g, opt_state, ours)
-    ours = jax.tree_util.tree_map(lambda p, u: p + u, ours, updates)
+    ours = jax.tree.map(lambda p, u: p + u, ours, updates)
 
   # torch.optim.SGD(nesterov=True, dampening=0, weight_decay=wd), written out by hand.
   def torch_sgd(p, gs):
@@ -60,15 +61,15 @@ def _run_steps(num_devices, batches, cross_replica_bn=True):
                           num_classes=10,
                           axis_name=steps.AXIS_NAME if cross_replica_bn else None)
   lr_fn = steps.learning_rate_schedule(0.1, 2, (1,))
-  state = steps.create_train_state(model, jax.random.PRNGKey(0), (16, 16, 3),
+  state = steps.create_train_state(model, jax.random.key(0), (16, 16, 3),
                                    steps.sgd_nesterov(lr_fn, 0.9, 1e-4))
   p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=lr_fn),
                     axis_name=steps.AXIS_NAME, devices=devices)
-  p_state = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * num_devices), state)
+  p_state = replicate(state, devices)
   for batch in batches:
     shard = {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}
     p_state, metrics = p_step(p_state, shard)
-  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], p_state)), metrics
+  return jax.device_get(jax.tree.map(lambda x: x[0], p_state)), metrics
 
 
 def test_eight_devices_equal_one_device_on_the_same_global_batches():
@@ -79,7 +80,7 @@ def test_eight_devices_equal_one_device_on_the_same_global_batches():
   one, m1 = _run_steps(1, batches)
   eight, m8 = _run_steps(8, batches)
   for tree in ('params', 'batch_stats'):
-    jax.tree_util.tree_map(
+    jax.tree.map(
         functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
         getattr(eight, tree), getattr(one, tree))
   np.testing.assert_allclose(m8['loss'][0], m1['loss'][0], rtol=1e-5)
@@ -98,7 +99,7 @@ def test_per_device_batchnorm_differs_from_cross_replica():
 
 def test_eval_step_counts_only_unmasked_examples_and_averages_ten_crops():
   model = models.DenseNet(block_sizes=(1,), growth_rate=4, num_classes=3)
-  state = steps.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 3),
+  state = steps.create_train_state(model, jax.random.key(0), (8, 8, 3),
                                    steps.sgd_nesterov(0.1, 0.9, 0.0))
   rng = np.random.default_rng(0)
   images = rng.normal(size=(4, 8, 8, 3)).astype(np.float32)

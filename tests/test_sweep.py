@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from densenet_jax import architectures, train
 from experiments import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,6 +120,25 @@ def test_all_sweep_files_expand_to_valid_points():
     sweep.check_points(points)
 
 
+def test_figure4_rows_name_twelve_networks_and_the_paper_only_where_it_has_them():
+  config, axes = sweep.load_sweep_file(os.path.join(ROOT, 'experiments', 'sweeps', 'figure4.py'))
+  points = sweep.make_points(config, axes)
+  rows = []
+  for point, point_config in zip(points, sweep.check_points(points)):
+    results = {'final': {'epoch': 300, 'eval': {'test': {'top1_error': 0.05, 'loss': 0.2}}},
+               'num_params': 1, 'wall_time_sec': 1.0, **train.built_and_paper(point_config)}
+    results['best'] = results['final']
+    rows.append(sweep.result_row(point, point_config, results, gmacs=0.1))
+  assert len({r['model'] for r in rows}) == 12
+  assert {r['model'] for r in rows if r['depth'] == 40} == {
+      'densenet40_k12', 'densenet_b40_k12', 'densenet_c40_k12', 'densenet_bc40_k12'}
+  papered = {r['model']: (r['paper_error_pct'], r['paper_source']) for r in rows
+             if r['paper_error_pct'] != ''}
+  table2 = architectures.TABLE2
+  assert papered == {name: (table2[name][1], 'Table 2, C10+')
+                     for name in ('densenet40_k12', 'densenet100_k12', 'densenet_bc100_k12')}
+
+
 def run_sweep(args, data_dir):
   # One device, and tiny models compile in a fraction of the time without XLA's optimizations.
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
@@ -148,6 +168,8 @@ def test_digits_sweep_runs_resumes_and_collects(tmp_path):
     assert float(row['error_pct']) == pytest.approx(
         100 * result['final']['eval']['test']['top1_error'])
     assert row['variant'] == 'DenseNet' and row['dataset'] == 'digits'
+    assert row['model'] == result['architecture']['name'] and row['paper_error_pct'] == ''
+  assert [r['model'] for r in rows] == ['densenet7_k4', 'densenet10_k4']
   assert int(rows[0]['num_params']) < int(rows[1]['num_params'])
   assert 0 < float(rows[0]['gmacs']) < float(rows[1]['gmacs'])
   table = (root / 'results.md').read_text().splitlines()

@@ -51,3 +51,34 @@ def test_train_checkpoint_resume_and_evaluate(tmp_path, data_dir, num_devices):
   log = run_main([*TINY, f'--workdir={workdir}', '--mode=evaluate',
                   '--config.eval_checkpoint=latest'], num_devices, data_dir)
   assert f'test (360 images, step {2 * steps_per_epoch}): top1_error {100 * error:.2f}%' in log
+
+
+def test_eval_batches_are_built_once_and_read_at_every_eval(tmp_path, data_dir, monkeypatch):
+  """The loop builds each split's eval iterable before training and re-reads it at each eval
+  (an SVHN hold-out's cache then serves every pass after the first)."""
+  from configs import digits
+  from densenet_jax import input_pipeline, train
+  built, passes = [], []
+  create = input_pipeline.create_eval_iterator
+
+  class Counted:
+    def __init__(self, batches):
+      self.batches = batches
+
+    def __iter__(self):
+      passes.append(1)
+      return iter(self.batches)
+
+  def counted(*args, **kwargs):
+    batches, num_steps = create(*args, **kwargs)
+    built.append(args[1])
+    return Counted(batches), num_steps
+
+  monkeypatch.setattr(input_pipeline, 'create_eval_iterator', counted)
+  config = digits.get_config()
+  config.model.depth, config.model.growth_rate, config.image_size = 10, 4, 8
+  config.data_dir, config.num_epochs, config.lr_decay_epochs = data_dir, 3, (1, 2)
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert built == ['test']
+  assert len(passes) == len(results['history']) == 3
+  assert results['architecture']['name'] == 'densenet_bc10_k4' and results['paper'] is None

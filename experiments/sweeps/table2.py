@@ -6,8 +6,9 @@ Run from the repository root. Each point is configs/cifar.py:MODEL,DATASET with 
 recipe; the CSV's paper_error_pct column holds the paper's number beside each result.
 """
 
-from configs import cifar
+from densenet_jax import architectures
 
 AXES = [{'config': [f'configs/cifar.py:{model},{dataset}'
-                    for model, errors in cifar.PAPER_ERROR.items()
-                    for dataset, error in zip(cifar.DATASETS, errors) if error is not None]}]
+                    for model, errors in architectures.TABLE2.items()
+                    for dataset, error in zip(architectures.TABLE2_COLUMNS, errors)
+                    if error is not None]}]

@@ -1,0 +1,17 @@
+"""The datasets the input pipeline serves and the options each one takes, as plain data.
+
+TensorFlow-free (as are the configs and config_validation), so a config is checked in seconds;
+the input pipeline and the preprocessing read the same tables. Sources: docs/reference.md.
+"""
+
+DATASETS = ('digits', 'cifar10', 'cifar100', 'svhn_cropped', 'imagenet2012')
+# Datasets that hold out a validation split from their training set when asked
+# (holdout_validation=True); svhn_cropped always holds one out, as the paper does.
+OPTIONAL_HOLDOUT = ('cifar10', 'cifar100')
+ALWAYS_HOLDOUT = ('svhn_cropped',)
+NOT_AUGMENTED = ('svhn_cropped',)  # the paper trains SVHN without augmentation
+UPSCALABLE = ('digits',)  # image_size: the 8x8 digits may be upscaled
+TEN_CROP = ('imagenet2012',)  # 10-crop evaluation
+# ImageNet resizes: bicubic (Torch's image.scale, the paper's) or antialiased bilinear (PIL's,
+# which torchvision's published accuracies used): the eval_resize values.
+RESIZE_METHODS = ('bicubic', 'bilinear')
