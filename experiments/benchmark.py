@@ -132,7 +132,7 @@ def jax_case(spec):
   import jax
   import jax.numpy as jnp
 
-  from densenet_jax import costs, models, steps
+  from densenet_jax import costs, steps
 
   jax.config.update('jax_enable_compilation_cache', False)  # compile time is a figure here
   b, size = spec['batch_size'], spec['image_size']

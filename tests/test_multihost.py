@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from densenet_jax import devices, input_pipeline, models, steps, train
+from densenet_jax import devices, input_pipeline, models, steps
 from densenet_jax.devices import Topology
 import main_runs
 import tfds_fixtures
