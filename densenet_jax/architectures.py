@@ -71,15 +71,24 @@ class Architecture:
     name = f'densenet{"_" + letters if letters else ""}{self.depth}_k{self.growth_rate}'
     if self.compression not in (0.5, 1):
       name += f'_theta{self.compression:g}'
-    if self.stem != 'cifar' or self.block_sizes != cifar_blocks_or_none(self):
+    if not self.given_by_depth:
       name += f'_{self.stem}_{"-".join(map(str, self.block_sizes))}'
     return name
+
+  @property
+  def given_by_depth(self) -> bool:
+    """Whether the depth alone gives the blocks: three equal ones after a CIFAR/SVHN stem."""
+    try:
+      return self.stem == 'cifar' and self.block_sizes == cifar_block_sizes(self.depth,
+                                                                           self.bottleneck)
+    except ValueError:
+      return False
 
   def config_fields(self) -> dict:
     """config.model's architecture fields: depth for three equal CIFAR blocks, else blocks."""
     fields = {'stem': self.stem, 'growth_rate': self.growth_rate, 'bottleneck': self.bottleneck,
               'compression': self.compression}
-    if self.stem == 'cifar' and self.block_sizes == cifar_blocks_or_none(self):
+    if self.given_by_depth:
       return {**fields, 'depth': self.depth}
     return {**fields, 'block_sizes': self.block_sizes}
 
@@ -88,14 +97,6 @@ class Architecture:
     return {'name': self.name, 'variant': self.variant, 'depth': self.depth,
             'growth_rate': self.growth_rate, 'block_sizes': list(self.block_sizes),
             'bottleneck': self.bottleneck, 'compression': self.compression, 'stem': self.stem}
-
-
-def cifar_blocks_or_none(architecture: Architecture) -> Optional[tuple]:
-  """The three equal blocks of the architecture's depth, or None if there are none."""
-  try:
-    return cifar_block_sizes(architecture.depth, architecture.bottleneck)
-  except ValueError:
-    return None
 
 
 def build(*, growth_rate, stem='cifar', depth=None, block_sizes=None, bottleneck=False,
