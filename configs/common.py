@@ -61,7 +61,9 @@ def base_config():
   config.log_every_steps = 100
   config.keep_checkpoints = 3
   config.eval_checkpoint = 'best'  # --mode=evaluate: 'best' or 'latest'
-  config.init_from = ''  # a torchvision .pth, a Keras .keras/.h5 file or a checkpoint dir
+  # a torchvision .pth, a Keras .keras/.h5 file, a checkpoint dir, or published weights by name
+  # ('torchvision:densenet121', 'keras:densenet121', ...: downloaded once, see weights.py)
+  config.init_from = ''
   config.ten_crop = False  # --mode=evaluate on ImageNet: 10-crop instead of center crop
   config.eval_resize = 'bicubic'  # ImageNet eval resize; 'bilinear' for torchvision weights
   return config

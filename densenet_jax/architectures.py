@@ -13,7 +13,7 @@ from typing import Optional
 
 STEMS = ('cifar', 'imagenet')
 NATIVE_IMAGE_SIZE = {'cifar': 32, 'imagenet': 224}  # the input size each stem was defined for
-COMPUTE_DTYPES = ('float32', 'bfloat16')
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float64')  # float64: a numerical reference, see models
 # A network is given by these config.model fields (depth: three equal CIFAR/SVHN blocks).
 FIELDS = ('stem', 'depth', 'block_sizes', 'growth_rate', 'bottleneck', 'compression')
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import ml_collections
 
-from densenet_jax import architectures, datasets
+from densenet_jax import architectures, datasets, weights
 
 # The DenseNet options that config.model may set besides its architecture fields.
 MODEL_OPTIONS = ('dropout_rate', 'dtype', 'memory_efficient')
@@ -65,6 +65,9 @@ def check_model(model: ml_collections.ConfigDict):
         dropout_rate=model.dropout_rate, num_classes=1, dtype=model.dtype)
   except (ValueError, TypeError) as e:
     raise ConfigError(f'config.model: {e}') from None
+  if model.dtype == 'float64':
+    _fail('model.dtype', model.dtype, 'a numerical reference for tests and experiments (needs '
+          'jax_enable_x64); training runs take float32 or bfloat16')
   if not isinstance(model.memory_efficient, bool):
     _fail('model.memory_efficient', model.memory_efficient, 'must be True or False')
 
@@ -103,6 +106,21 @@ def check_batch_size(field: str, value, device_count: int):
     _fail(field, value, f'must be a multiple of the device count ({device_count})')
 
 
+def check_init_from(init_from: str, model_name: str):
+  """A path that exists, or published weights ('torchvision:densenet121') of the model built."""
+  if not init_from:
+    return
+  if weights.is_published_name(init_from):
+    if init_from not in weights.PUBLISHED:
+      _fail('init_from', init_from, f'published weights are {", ".join(weights.PUBLISHED)}')
+    if weights.PUBLISHED[init_from].model != model_name:
+      _fail('init_from', init_from, f'weights of {weights.PUBLISHED[init_from].model}, but '
+            f'config.model builds {model_name}')
+  elif not os.path.exists(init_from):
+    _fail('init_from', init_from, 'no such file or directory (or published weights: '
+          f'{", ".join(weights.PUBLISHED)})')
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int):
   """Raises ConfigError for the first field that no run on `device_count` devices can use."""
   check_model(config.model)
@@ -115,8 +133,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int):
   for field in ('data_dir', 'init_from'):
     if config.get(field) is not None and not isinstance(config[field], str):
       _fail(field, config[field], 'must be a path (a string)')
-  if config.init_from and not os.path.exists(config.init_from):
-    _fail('init_from', config.init_from, 'no such file or directory')
+  check_init_from(config.init_from, architectures.from_fields(config.model).name)
 
   for field in ('batch_size', 'eval_batch_size'):
     check_batch_size(field, config[field], device_count)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from densenet_jax import architectures, checkpoints, costs, models
+from densenet_jax import architectures, checkpoints, costs, models, weights
 
 # torchvision's old .pth files name BN/conv tensors `denselayerN.norm.1.weight`; torchvision itself
 # renames them to `denselayerN.norm1.weight` with this pattern before loading.
@@ -269,12 +269,15 @@ def load_pretrained(path) -> tuple:
 
 
 def load_initial_weights(init_from: str, state):
-  """`state` with the weights of a torchvision/Keras file or a checkpoint directory.
+  """`state` with the weights of a torchvision/Keras file, published weights by name
+  ('torchvision:densenet121', weights.PUBLISHED) or a checkpoint directory.
 
   A classifier of another shape (another number of classes) is not loaded: the state's freshly
   initialized head is kept (fine-tuning).
   """
-  if os.path.isdir(init_from):
+  if weights.is_published_name(init_from):
+    variables = weights.load(init_from)
+  elif os.path.isdir(init_from):
     restored, _ = checkpoints.Checkpoints(init_from).restore(state)
     variables = {'params': restored.params, 'batch_stats': restored.batch_stats}
   else:

@@ -160,6 +160,8 @@ class DenseNet(nn.Module):
       augmentation).
     num_classes: outputs of the classifier.
     dtype: compute dtype, 'float32' or 'bfloat16'; parameters and BN statistics stay float32.
+      'float64' (parameters in float64 too; needs jax_enable_x64) is a numerical reference for
+      tests and experiments: the same computation with rounding ~1e9 times smaller.
     memory_efficient: recompute concat-BN-ReLU-conv in the backward pass (same outputs).
     axis_name: if set, BatchNorm averages batch statistics over this pmap axis in training.
   """
@@ -180,6 +182,9 @@ class DenseNet(nn.Module):
         block_sizes=self.block_sizes, growth_rate=self.growth_rate, compression=self.compression,
         stem=self.stem, stem_features=self.stem_features, dropout_rate=self.dropout_rate,
         num_classes=self.num_classes, dtype=self.dtype)
+    if self.dtype == 'float64' and not jax.config.jax_enable_x64:
+      raise ValueError("dtype='float64' needs jax_enable_x64 (JAX_ENABLE_X64=1 or "
+                       "jax.enable_x64(True)); without it JAX computes in float32")
     super().__post_init__()
 
   @property
@@ -193,9 +198,13 @@ class DenseNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     dtype = COMPUTE_DTYPES[self.dtype]
+    param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=BN_EPSILON, dtype=dtype, axis_name=self.axis_name)
-    conv = functools.partial(Conv1x1AsMatmul, use_bias=False, kernel_init=conv_init, dtype=dtype)
+                             epsilon=BN_EPSILON, dtype=dtype, param_dtype=param_dtype,
+                             force_float32_reductions=param_dtype == jnp.float32,  # else float64
+                             axis_name=self.axis_name)
+    conv = functools.partial(Conv1x1AsMatmul, use_bias=False, kernel_init=conv_init, dtype=dtype,
+                             param_dtype=param_dtype)
     unit_cls = (nn.remat(BNReLUConv, policy=save_only_reductions)
                 if self.memory_efficient else BNReLUConv)
     unit = functools.partial(unit_cls, norm=norm, conv=conv, dropout_rate=self.dropout_rate,
@@ -222,8 +231,9 @@ class DenseNet(nn.Module):
     x = jnp.concatenate(features, axis=-1)
     x = nn.relu(norm(name='head_norm')(x))
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dtype, name='classifier')(x)
-    return x.astype(jnp.float32)
+    x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dtype, param_dtype=param_dtype,
+                 name='classifier')(x)
+    return x.astype(param_dtype)  # float32 logits (float64 for the float64 reference)
 
 
 def build_model(**fields) -> DenseNet:

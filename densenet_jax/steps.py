@@ -65,8 +65,9 @@ def create_train_state(model: nn.Module, rng: jax.Array, image_shape: Sequence[i
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy in float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  """Per-example softmax cross-entropy in float32 (float64 for float64 logits)."""
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 def per_example_errors(logits: jax.Array, labels: jax.Array, top5: bool) -> dict:

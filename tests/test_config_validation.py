@@ -28,6 +28,9 @@ def run_main(args, timeout=60):
 @pytest.mark.parametrize('args,message', [
     ([DIGITS, '--config.model.stem=resnet'],
      "config.model: stem='resnet': allowed stems are cifar, imagenet"),
+    ([DIGITS, '--config.model.dtype=float64'],
+     "config.model.dtype='float64': a numerical reference for tests and experiments (needs "
+     'jax_enable_x64); training runs take float32 or bfloat16'),
     ([DIGITS, '--config.augment=True', '--config.dataset=svhn_cropped'],
      'config.augment=True: svhn_cropped is trained without augmentation, as in the paper: set '
      'augment=False'),

@@ -229,6 +229,30 @@ def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
   assert inter['intermediates']['stem_conv']['__call__'][0].dtype == jnp.bfloat16
 
 
+def test_float64_reference_computes_and_keeps_everything_in_float64():
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  with pytest.raises(ValueError, match="dtype='float64' needs jax_enable_x64"):
+    tiny(dtype='float64')
+  variables = tiny().init(jax.random.key(0), x)
+  logits32, stats32 = tiny().apply(variables, x, train=True, mutable=['batch_stats'])
+  with jax.enable_x64(True):
+    model = tiny(dtype='float64')
+    assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(
+        model.init(jax.random.key(0), x)))
+    variables64 = jax.tree.map(lambda v: np.asarray(v, np.float64), variables)
+    logits64, stats64 = model.apply(variables64, np.asarray(x, np.float64), train=True,
+                                    mutable=['batch_stats'])
+    logits64, stats64 = jax.tree.map(np.asarray, (logits64, stats64))
+  assert logits64.dtype == np.float64
+  assert all(v.dtype == np.float64 for v in jax.tree.leaves(stats64))
+  # The same numbers: float32's distance from float64 is its rounding (relative 2^-24 per
+  # operation, a few 1e-7 over this network's logits of about 1), not another computation.
+  np.testing.assert_allclose(logits32, logits64, rtol=0, atol=1e-5)
+  assert np.abs(np.asarray(logits32, np.float64) - logits64).max() > 0  # float32 rounds
+  for a, b in zip(jax.tree.leaves(stats32), jax.tree.leaves(stats64)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_batchnorm_axis_name_averages_statistics_across_devices():
   n = 2
   model = tiny(axis_name='batch')

@@ -11,12 +11,14 @@ the rounding to 1e-2 in 48 steps.
 """
 
 import concurrent.futures
+import contextlib
 import functools
 import json
 import re
 import signal
 import socket
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -90,6 +92,16 @@ def reference_state(data_dir, roll=0, shards_read=(0, 1)):
   return devices.unreplicate(p_state)
 
 
+@contextlib.contextmanager
+def batch_norm_per_process():
+  """A planted bug: BN statistics averaged over each process's two devices instead of all four
+  (reference_state's devices 0-1 hold process 0's shard, 2-3 process 1's)."""
+  per_process = functools.partial(nn.BatchNorm, axis_index_groups=[[0, 1], [2, 3]])
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(models.nn, 'BatchNorm', per_process)
+    yield
+
+
 def largest_difference(a, b) -> dict:
   """Per collection of the state, the largest |a - b| over its elements."""
   return {name: max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in
@@ -131,6 +143,10 @@ def test_two_processes_train_stop_resume_and_equal_one_process(tmp_path, data_di
   two_processes = largest_difference(state, expected)
   assert all(two_processes[name] <= tolerance[name] for name in tolerance), (
       two_processes, tolerance)
-  # The tolerance still catches a process that trains on the other's data.
+  # The tolerance still catches planted bugs: a process that trains on the other's data, and
+  # BN statistics per process instead of global.
   planted = largest_difference(vars(reference_state(data_dir, shards_read=(0, 0))), expected)
+  assert planted['params'] > 10 * tolerance['params'], (planted, tolerance)
+  with batch_norm_per_process():
+    planted = largest_difference(vars(reference_state(data_dir)), expected)
   assert planted['params'] > 10 * tolerance['params'], (planted, tolerance)

@@ -1,0 +1,169 @@
+"""Why two processes train to other parameters than one process does: rounding or computation?
+
+Trains the multi-host test's tiny DenseNet (7 layers, k=4, lr 0.01 decayed at 2.5 epochs of 12
+steps) on its data (a 96-image CIFAR-10 fixture through the real input pipeline, c10+, global
+batches of 8, each process reading its own shard) in three ways:
+
+  one process, 4 devices                          (the reference)
+  the same, the batch's device shards rotated by 1, 2, 3 devices  (same arithmetic, other
+                                                   all-reduce orders: the control)
+  two processes (jax.distributed on localhost), 2 devices each
+
+in float32 and in float64, and prints the largest parameter difference from the reference after
+1, 12, 24, 36 and 48 steps, and the per-step losses of the reference and the two processes side
+by side. If two processes computed something else (BN statistics or gradients over other
+devices, another data shard), the difference would stay large in float64; if it is the order of
+the all-reduce sums, it falls by the ratio of the two precisions' rounding (~1e9).
+
+  python experiments/multihost_drift.py            # ~4 minutes on 2 CPU cores
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+STEPS, BATCH, STEPS_PER_EPOCH, LEARNING_RATE = 48, 8, 12, 0.01
+REPORT_AFTER = (1, 12, 24, 36, 48)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TRAIN = BATCH * STEPS_PER_EPOCH
+
+
+def batches(data_dir: str, roll: int):
+  """This process's share of each global batch: with one process, both processes' shards
+  concatenated (as the multi-host test's reference does), then rotated by `roll` devices."""
+  import jax
+
+  from densenet_jax import input_pipeline
+  from densenet_jax.devices import Topology
+  shards = (0, 1) if jax.process_count() == 1 else (jax.process_index(),)
+  iterators = [input_pipeline.create_train_iterator(
+      'cifar10', data_dir=data_dir, seed=0,
+      topology=Topology(BATCH, i, process_count=2, local_device_count=2)) for i in shards]
+  while True:
+    parts = [next(it) for it in iterators]
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in ('image', 'label')}
+    yield {k: np.roll(v, roll, axis=0) for k, v in batch.items()}  # [devices, per device, ...]
+
+
+def train(dtype: str, roll: int, data_dir: str) -> dict:
+  """Runs in this process's topology; returns per-step losses and flat params after
+  REPORT_AFTER steps (process 0's copy)."""
+  import functools
+
+  import jax
+
+  from densenet_jax import devices, models, steps
+
+  model = models.create_model('densenet40_k12', depth=7, growth_rate=4, num_classes=10,
+                              dtype=dtype, axis_name=steps.AXIS_NAME)
+  learning_rate_fn = steps.learning_rate_schedule(LEARNING_RATE, STEPS_PER_EPOCH, (2.5,))
+  tx = steps.sgd_nesterov(learning_rate_fn, 0.9, 1e-4)
+  state = steps.create_train_state(model, jax.random.key(0), (32, 32, 3), tx)
+  p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn),
+                    axis_name=steps.AXIS_NAME)
+  p_state = devices.replicate(state)
+  losses, params = [], {}
+  for step, batch in zip(range(1, STEPS + 1), batches(data_dir, roll)):
+    p_state, metrics = p_step(p_state, batch)
+    losses.append(float(devices.unreplicate(metrics)['loss']))
+    if step in REPORT_AFTER:
+      leaves = jax.tree.leaves(devices.unreplicate(p_state.params))
+      params[step] = np.concatenate([np.ravel(x) for x in leaves]).astype(np.float64)
+  return {'losses': losses, 'params': params}
+
+
+def worker(args):
+  """One run in a subprocess (several with --num_processes); process 0 saves what it saw."""
+  import jax
+  if args.dtype == 'float64':
+    jax.config.update('jax_enable_x64', True)
+  if args.num_processes > 1:
+    jax.distributed.initialize(f'localhost:{args.port}', args.num_processes, args.process_id)
+  runs = {roll: train(args.dtype, roll, args.data_dir) for roll in args.rolls}
+  if jax.process_index() == 0:
+    np.savez(args.out, **{f'{roll}_losses': r['losses'] for roll, r in runs.items()},
+             **{f'{roll}_params_{s}': p for roll, r in runs.items()
+                for s, p in r['params'].items()})
+  print(json.dumps({'jax': jax.__version__, 'devices': jax.device_count()}))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def launch(out: str, dtype: str, num_processes: int, data_dir: str, rolls=(0,)):
+  port = free_port()
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(4 // num_processes), JAX_PLATFORMS='cpu',
+             TF_CPP_MIN_LOG_LEVEL='1')
+  procs = [subprocess.Popen(
+      [sys.executable, __file__, '--worker', f'--out={out}', f'--dtype={dtype}',
+       f'--num_processes={num_processes}', f'--process_id={i}', f'--port={port}',
+       f'--rolls={",".join(map(str, rolls))}', f'--data_dir={data_dir}'],
+      env=dict(env, PYTHONPATH=ROOT), stdout=subprocess.PIPE, text=True)
+      for i in range(num_processes)]
+  for p in procs:
+    stdout, _ = p.communicate(timeout=900)
+    if p.returncode:
+      sys.exit(f'worker failed with status {p.returncode}')
+  return json.loads(stdout.strip().splitlines()[-1])
+
+
+def compare(dtype: str, tmp: str):
+  one, two = os.path.join(tmp, f'one_{dtype}.npz'), os.path.join(tmp, f'two_{dtype}.npz')
+  data_dir = os.path.join(tmp, 'tfds')
+  info = launch(one, dtype, 1, data_dir, rolls=(0, 1, 2, 3))
+  launch(two, dtype, 2, data_dir)
+  one, two = np.load(one), np.load(two)
+  print(f'\n## {dtype} (jax {info["jax"]}): largest |params - reference| after n steps\n')
+  print('| run | ' + ' | '.join(f'n={s}' for s in REPORT_AFTER) + ' |')
+  print('|---|' + '---|' * len(REPORT_AFTER))
+  rows = [(f'one process, shards rotated by {r}', one, r) for r in (1, 2, 3)]
+  for label, run, roll in rows + [('two processes', two, 0)]:
+    cells = [np.abs(run[f'{roll}_params_{s}'] - one[f'0_params_{s}']).max() for s in REPORT_AFTER]
+    print(f'| {label} | ' + ' | '.join(f'{c:.1e}' for c in cells) + ' |')
+  return one['0_losses'], two['0_losses']
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--out')
+  parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  parser.add_argument('--port', type=int)
+  parser.add_argument('--data_dir')
+  parser.add_argument('--rolls', default='0', type=lambda s: tuple(map(int, s.split(','))))
+  args = parser.parse_args()
+  if args.worker:
+    return worker(args)
+  with tempfile.TemporaryDirectory() as tmp:
+    sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
+    import tfds_fixtures  # the multi-host test's data
+    tfds_fixtures.store('cifar10', os.path.join(tmp, 'tfds'), {
+        'train': (np.arange(NUM_TRAIN), np.arange(NUM_TRAIN) % 10),
+        'test': (np.arange(1000, 1010), np.arange(10))})
+    losses = {dtype: compare(dtype, tmp) for dtype in ('float32', 'float64')}
+  print('\n## per-step training loss: one process (4 devices) | two processes, difference\n')
+  print('| step | float32 one | float32 two | diff | float64 one | float64 two | diff |')
+  print('|---|---|---|---|---|---|---|')
+  for step in range(STEPS):
+    cells = []
+    for dtype in ('float32', 'float64'):
+      a, b = losses[dtype]
+      cells += [f'{a[step]:.9f}', f'{b[step]:.9f}', f'{b[step] - a[step]:.1e}']
+    print(f'| {step + 1} | ' + ' | '.join(cells) + ' |')
+
+
+if __name__ == '__main__':
+  main()
