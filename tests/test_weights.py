@@ -1,0 +1,159 @@
+"""Published weights on request: a real HTTP server on 127.0.0.1 (the standard library's) stands
+in for the publishers through $DENSENET_JAX_WEIGHTS_MIRROR; nothing here reaches the internet."""
+
+import hashlib
+import http.server
+import os
+import socket
+import threading
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from densenet_jax import config_validation, convert, weights
+import test_convert
+
+BODY = os.urandom(300_000)
+
+
+class _Publisher(http.server.BaseHTTPRequestHandler):
+  """Serves /good.bin whole, /cut.bin with its full Content-Length but half its body, and 404
+  for anything else; counts requests."""
+  requests = []
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    _Publisher.requests.append(self.path)
+    body = self.server.files.get(self.path.lstrip('/'))
+    if body is None:
+      self.send_error(404)
+      return
+    self.send_response(200)
+    self.send_header('Content-Length', str(len(body)))
+    self.end_headers()
+    self.wfile.write(body[:len(body) // 2] if self.path.startswith('/cut') else body)
+    self.wfile.flush()
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+  httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Publisher)
+  httpd.files = {'good.bin': BODY, 'cut.bin': BODY}
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  monkeypatch.setenv('DENSENET_JAX_WEIGHTS_MIRROR', f'http://127.0.0.1:{httpd.server_port}/')
+  _Publisher.requests = []
+  yield httpd
+  httpd.shutdown()
+  httpd.server_close()
+
+
+def published(name, digest=hashlib.sha256(BODY).hexdigest()[:8], algorithm='sha256'):
+  return weights.Published(f'https://publisher.invalid/models/{name}', algorithm, digest,
+                           'densenet121')
+
+
+def test_good_file_is_verified_kept_and_not_fetched_again(server, tmp_path):
+  path = weights.download(published('good.bin'), str(tmp_path))
+  assert open(path, 'rb').read() == BODY and os.listdir(tmp_path) == ['good.bin']
+  assert weights.download(published('good.bin'), str(tmp_path)) == path
+  assert _Publisher.requests == ['/good.bin']  # the second call made no request
+
+
+def test_md5_digests_are_checked_whole(server, tmp_path):
+  weights.download(published('good.bin', hashlib.md5(BODY).hexdigest(), 'md5'), str(tmp_path))
+  with pytest.raises(weights.DownloadError, match='md5'):
+    weights.download(published('good.bin', hashlib.md5(b'other').hexdigest(), 'md5'),
+                     str(tmp_path / 'other'))
+
+
+@pytest.mark.parametrize('name,digest,message', [
+    ('good.bin', '00000000', r'sha256 \w+ does not match the published 00000000 .*nothing was '
+                             'kept'),
+    ('cut.bin', None, r'was cut after 150000 of 300000 bytes; nothing was kept'),
+    ('missing.bin', None, r'HTTP 404 .*download http://127\.0\.0\.1:\d+/missing\.bin by hand '
+                          r'and put it at .*missing\.bin'),
+])
+def test_failures_leave_nothing_behind(server, tmp_path, name, digest, message):
+  spec = published(name, digest) if digest else published(name)
+  with pytest.raises(weights.DownloadError, match=message):
+    weights.download(spec, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_refused_connection_names_the_url_and_where_to_put_the_file(monkeypatch, tmp_path):
+  with socket.socket() as s:  # a port that nothing listens on once closed
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  monkeypatch.setenv('DENSENET_JAX_WEIGHTS_MIRROR', f'http://127.0.0.1:{port}')
+  with pytest.raises(weights.DownloadError,
+                     match=rf'downloading http://127\.0\.0\.1:{port}/good\.bin failed \(.*'
+                           r'refused.*\); without a network, download .* by hand'):
+    weights.download(published('good.bin'), str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_published_names_are_checked_before_anything_runs():
+  config_validation.check_init_from('torchvision:densenet121', 'densenet121')
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config.init_from='torchvision:densenet122': published weights are "
+                           r'torchvision:densenet121, .*keras:densenet201'):
+    config_validation.check_init_from('torchvision:densenet122', 'densenet121')
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"'keras:densenet169': weights of densenet169, but config.model "
+                           'builds densenet121'):
+    config_validation.check_init_from('keras:densenet169', 'densenet121')
+
+
+def serve_load_and_reload(server, monkeypatch, cache, key: str, body: bytes, expected: dict):
+  """Serves `body` as the publisher's file of `key` (with its digest), loads `key` twice: the
+  second time from the converted copy alone, with no request; both equal `expected`."""
+  spec = weights.PUBLISHED[key]
+  server.files[spec.file_name] = body
+  digest = hashlib.new(spec.algorithm, body).hexdigest()[:len(spec.digest)]
+  monkeypatch.setitem(weights.PUBLISHED, key, weights.Published(spec.url, spec.algorithm, digest,
+                                                                spec.model))
+  assert_trees_equal(weights.load(key, str(cache)), expected)
+  assert sorted(os.listdir(cache)) == [spec.file_name, f'{spec.file_name}.converted.npz']
+  os.remove(cache / spec.file_name)  # the converted copy alone is enough now
+  assert_trees_equal(weights.load(key, str(cache)), expected)
+  assert _Publisher.requests == [f'/{spec.file_name}']
+
+
+def assert_trees_equal(a, b):
+  flat_a, flat_b = (traverse_util.flatten_dict(t) for t in (a, b))
+  assert sorted(flat_a) == sorted(flat_b)
+  for key, value in flat_a.items():
+    np.testing.assert_array_equal(value, flat_b[key], err_msg=str(key))
+
+
+@pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
+def test_keras_weights_download_convert_once_and_reuse(server, tmp_path, monkeypatch):
+  """The Keras branch: a DenseNet-121 weights file in the publisher's (legacy h5) format."""
+  keras = pytest.importorskip('keras')
+  from keras.src.legacy.saving import legacy_h5_format  # the format of Keras's published files
+  import h5py
+  model = keras.applications.DenseNet121(weights=None, classifier_activation=None)
+  rng = np.random.default_rng(0)
+  model.set_weights([rng.normal(size=w.shape).astype(np.float32) * 0.1 + (w == 1)
+                     for w in model.get_weights()])
+  path = tmp_path / 'served.h5'
+  with h5py.File(path, 'w') as f:
+    legacy_h5_format.save_weights_to_hdf5_group(f, model)
+  serve_load_and_reload(server, monkeypatch, tmp_path / 'cache', 'keras:densenet121',
+                        path.read_bytes(), convert.from_keras(model))
+
+
+def test_torchvision_weights_download_convert_once_and_reuse(server, tmp_path, monkeypatch):
+  """The torchvision branch: a .pth state_dict with torchvision's legacy key names, as its
+  published files have (needs torch only; CI's Python 3.11 set installs a CPU torch)."""
+  torch = pytest.importorskip('torch')
+  variables = test_convert.random_variables('densenet121', np.random.default_rng(0))
+  state_dict = test_convert.torchvision_state_dict(variables, legacy=True)
+  path = tmp_path / 'served.pth'
+  torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, path)
+  serve_load_and_reload(server, monkeypatch, tmp_path / 'cache', 'torchvision:densenet121',
+                        path.read_bytes(), variables)
