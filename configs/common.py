@@ -35,14 +35,32 @@ def named_model_config(name, dropout_rate=0.0):
   return model_config(**architectures.NAMED[name].config_fields(), dropout_rate=dropout_rate)
 
 
+def folder_config():
+  """config.folder: how a 'folder:PATH' dataset is prepared and fed (docs in the README)."""
+  folder = ml_collections.ConfigDict()
+  folder.augmentation = 'translate'  # 'none', 'translate' (by translate_pixels) or 'imagenet'
+  folder.translate_pixels = 4
+  folder.flip = False  # random horizontal mirror: off unless the images are mirror-symmetric
+  folder.eval_transform = 'resize_center_crop'  # or 'resize' (the whole image, squashed)
+  folder.center_crop_ratio = 0.875  # crop / resized shorter side (224 / 256)
+  folder.normalization = 'imagenet'  # 'imagenet', 'folder' (its own statistics) or 'unit'
+  folder.holdout_fraction = 0.1  # without val/: this stratified fraction of train/ validates
+  folder.holdout_seed = 0
+  folder.max_side = 0  # > 0: images whose longest side exceeds it are stored scaled down
+  folder.shuffle_buffer = 16_384  # examples; bounds host memory for large folders
+  return folder
+
+
 def base_config():
   config = ml_collections.ConfigDict()
   config.model = named_model_config('densenet40_k12')
   config.dataset = 'cifar10'
   config.data_dir = placeholder(str)  # None: tfds's default
   config.augment = True
-  config.image_size = placeholder(int)  # digits only: upscale the 8x8 images to this size
+  # digits: upscale the 8x8 images to this size; folder datasets: the input size (default 224)
+  config.image_size = placeholder(int)
   config.holdout_validation = False  # hold out a validation split (SVHN always does)
+  config.folder = folder_config()  # used by dataset='folder:PATH' only
 
   config.batch_size = 64  # global, over all devices of all processes
   config.eval_batch_size = 512  # multiples of 8 devices; the last batch is padded

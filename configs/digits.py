@@ -24,4 +24,13 @@ def get_config():
   config.num_epochs = 30
   config.lr_decay_epochs = (15, 22.5)
   config.log_every_steps = 22
+  # The same data as PNG class folders (--config.dataset=folder:PATH) is fed as digits is: the
+  # 16x16 input, shifts of up to 1 pixel of the 8x8 image (2 at 16x16), no flip, pixels scaled
+  # to [0, 1], and no hold-out beside PATH/test.
+  config.folder.augmentation = 'translate'
+  config.folder.translate_pixels = 2
+  config.folder.flip = False
+  config.folder.eval_transform = 'resize'
+  config.folder.normalization = 'unit'
+  config.folder.holdout_fraction = 0.0
   return config

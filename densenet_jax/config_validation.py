@@ -12,7 +12,7 @@ from typing import Optional
 
 import ml_collections
 
-from densenet_jax import architectures, datasets, weights
+from densenet_jax import architectures, datasets, folder_listing, weights
 
 # The DenseNet options that config.model may set besides its architecture fields.
 MODEL_OPTIONS = ('dropout_rate', 'dtype', 'memory_efficient')
@@ -34,10 +34,10 @@ def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_int(config, field: str, minimum: int = 1):
+def _check_int(config, field: str, minimum: int = 1, prefix: str = ''):
   value = config[field]
   if not _is_int(value) or value < minimum:
-    _fail(field, value, f'must be an integer >= {minimum}')
+    _fail(prefix + field, value, f'must be an integer >= {minimum}')
 
 
 def _check_positive(config, field: str):
@@ -46,9 +46,9 @@ def _check_positive(config, field: str):
     _fail(field, value, 'must be a number > 0')
 
 
-def _check_bool(config, field: str):
+def _check_bool(config, field: str, prefix: str = ''):
   if not isinstance(config[field], bool):
-    _fail(field, config[field], 'must be True or False')
+    _fail(prefix + field, config[field], 'must be True or False')
 
 
 def check_model(model: ml_collections.ConfigDict):
@@ -76,8 +76,10 @@ def check_dataset_options(dataset: str, *, augment: bool = False, holdout_valida
                           image_size: Optional[int] = None, ten_crop: bool = False,
                           eval_resize: str = 'bicubic'):
   """The options that only some datasets take (training or evaluation)."""
-  if dataset not in datasets.DATASETS:
-    _fail('dataset', dataset, f'allowed datasets are {", ".join(datasets.DATASETS)}')
+  folder = folder_listing.is_folder(dataset)
+  if dataset not in datasets.DATASETS and not folder:
+    _fail('dataset', dataset, f'allowed datasets are {", ".join(datasets.DATASETS)}, or '
+          f'{folder_listing.PREFIX}PATH (PATH/train/<class>/*)')
   if augment and dataset in datasets.NOT_AUGMENTED:
     _fail('augment', augment, f'{dataset} is trained without augmentation, as in the paper: '
           'set augment=False')
@@ -89,13 +91,38 @@ def check_dataset_options(dataset: str, *, augment: bool = False, holdout_valida
   if image_size is not None:
     if not _is_int(image_size) or image_size < 1:
       _fail('image_size', image_size, 'must be an integer >= 1')
-    if dataset not in datasets.UPSCALABLE:
-      _fail('image_size', image_size, f'only for {", ".join(datasets.UPSCALABLE)}, not '
-            f'{dataset!r}')
+    if dataset not in datasets.UPSCALABLE and not folder:
+      _fail('image_size', image_size, f'only for {", ".join(datasets.UPSCALABLE)} and '
+            f'{folder_listing.PREFIX}PATH datasets, not {dataset!r}')
   if ten_crop and dataset not in datasets.TEN_CROP:
     _fail('ten_crop', ten_crop, f'only for {", ".join(datasets.TEN_CROP)}, not {dataset!r}')
   if eval_resize not in datasets.RESIZE_METHODS:
     _fail('eval_resize', eval_resize, f'allowed: {", ".join(datasets.RESIZE_METHODS)}')
+
+
+def check_folder(dataset: str, folder: ml_collections.ConfigDict):
+  """A 'folder:PATH' dataset: its listing (folder_listing.scan) and config.folder's fields."""
+  for field, allowed in (('augmentation', datasets.FOLDER_AUGMENTATIONS),
+                         ('eval_transform', datasets.FOLDER_EVAL_TRANSFORMS),
+                         ('normalization', datasets.FOLDER_NORMALIZATIONS)):
+    if folder[field] not in allowed:
+      _fail(f'folder.{field}', folder[field], f'allowed: {", ".join(allowed)}')
+  _check_bool(folder, 'flip', prefix='folder.')
+  _check_int(folder, 'translate_pixels', minimum=0, prefix='folder.')
+  _check_int(folder, 'max_side', minimum=0, prefix='folder.')
+  _check_int(folder, 'holdout_seed', minimum=0, prefix='folder.')
+  _check_int(folder, 'shuffle_buffer', prefix='folder.')
+  if not _is_number(folder.center_crop_ratio) or not 0 < folder.center_crop_ratio <= 1:
+    _fail('folder.center_crop_ratio', folder.center_crop_ratio, 'must be in (0, 1]')
+  if not _is_number(folder.holdout_fraction) or not 0 <= folder.holdout_fraction < 1:
+    _fail('folder.holdout_fraction', folder.holdout_fraction, 'must be in [0, 1)')
+  try:
+    listing = folder_listing.scan(folder_listing.folder_path(dataset))
+  except folder_listing.FolderError as e:
+    raise ConfigError(f'config.dataset={dataset!r}: {e}') from None
+  if not {'validation', 'test'} & set(listing.files) and not folder.holdout_fraction:
+    _fail('folder.holdout_fraction', folder.holdout_fraction,
+          f'{listing.root} has no val/ or test/ folder: hold out a fraction > 0 to evaluate on')
 
 
 def check_batch_size(field: str, value, device_count: int):
@@ -130,6 +157,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int):
                         holdout_validation=config.holdout_validation,
                         image_size=config.image_size, ten_crop=config.ten_crop,
                         eval_resize=config.eval_resize)
+  if folder_listing.is_folder(config.dataset):
+    check_folder(config.dataset, config.folder)
   for field in ('data_dir', 'init_from'):
     if config.get(field) is not None and not isinstance(config[field], str):
       _fail(field, config[field], 'must be a path (a string)')

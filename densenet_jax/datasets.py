@@ -15,3 +15,11 @@ TEN_CROP = ('imagenet2012',)  # 10-crop evaluation
 # ImageNet resizes: bicubic (Torch's image.scale, the paper's) or antialiased bilinear (PIL's,
 # which torchvision's published accuracies used): the eval_resize values.
 RESIZE_METHODS = ('bicubic', 'bilinear')
+
+# Image folders ('folder:PATH', config.folder): the values of their transform fields.
+FOLDER_AUGMENTATIONS = ('none', 'translate', 'imagenet')
+FOLDER_EVAL_TRANSFORMS = ('resize_center_crop', 'resize')
+# imagenet: ImageNet's mean/std (what pretrained weights expect); folder: computed once from
+# the training split; unit: pixels / 255 only.
+FOLDER_NORMALIZATIONS = ('imagenet', 'folder', 'unit')
+FOLDER_IMAGE_SIZE = 224  # the input size when config.image_size is not set

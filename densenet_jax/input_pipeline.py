@@ -45,9 +45,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import config_validation, digits
+from densenet_jax import config_validation, digits, folder, folder_listing
 from densenet_jax import preprocessing as pp
-from densenet_jax.datasets import DATASETS
+from densenet_jax.datasets import DATASETS, FOLDER_IMAGE_SIZE
 from densenet_jax.devices import Topology
 
 CIFAR_STATS = {'cifar10': (pp.CIFAR10_MEAN, pp.CIFAR10_STD),
@@ -69,6 +69,22 @@ class DatasetInfo:
   num_train: int  # examples of the training set (after any hold-out)
   num_eval: dict  # eval split name -> number of examples
   eval_splits: tuple
+  class_names: tuple  # label -> name (tfds's ClassLabel names; a folder's class folders)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderOptions:
+  """config.folder (configs/common.folder_config) for a 'folder:PATH' dataset."""
+  augmentation: str
+  translate_pixels: int
+  flip: bool
+  eval_transform: str
+  center_crop_ratio: float
+  normalization: str
+  holdout_fraction: float
+  holdout_seed: int
+  max_side: int
+  shuffle_buffer: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,19 +102,27 @@ class _Shard:
   mask: Optional[np.ndarray] = None  # selection over the slice; None: all
 
 
-def _new_builder(name: str, data_dir: Optional[str]):
+def _new_builder(name: str, data_dir: Optional[str], folder_options: Optional[FolderOptions]):
   config_validation.check_dataset_options(name)
+  if folder_listing.is_folder(name):
+    if folder_options is None:
+      raise ValueError(f'{name}: a folder dataset needs its FolderOptions (config.folder)')
+    return folder.UserImageFolder(
+        folder_listing.scan(folder_listing.folder_path(name)), data_dir=data_dir,
+        max_side=folder_options.max_side, holdout_fraction=folder_options.holdout_fraction,
+        holdout_seed=folder_options.holdout_seed)
   if name == 'digits':
     return digits.Digits(data_dir=data_dir)
   return tfds.builder(name, data_dir=data_dir)
 
 
 @functools.lru_cache(maxsize=None)
-def _builder(name: str, data_dir: Optional[str]):
-  """The prepared tfds builder; `digits` is prepared on first use, the others must be."""
-  builder = _new_builder(name, data_dir)
+def _builder(name: str, data_dir: Optional[str], folder_options: Optional[FolderOptions] = None):
+  """The prepared tfds builder; digits and folders are prepared on first use, the others must
+  be prepared beforehand."""
+  builder = _new_builder(name, data_dir, folder_options)
   if not builder.is_prepared():
-    if name != 'digits':
+    if name != 'digits' and not folder_listing.is_folder(name):
       raise FileNotFoundError(_not_prepared_message(name, builder))
     builder.download_and_prepare()
   return builder
@@ -119,7 +143,7 @@ def _not_prepared_message(name, builder) -> str:
 
 def prepare(name: str, data_dir: Optional[str] = None, manual_dir: Optional[str] = None):
   """Downloads and prepares a dataset (digits: offline; imagenet2012: from manual_dir's tars)."""
-  builder = _new_builder(name, data_dir)
+  builder = _new_builder(name, data_dir, None)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
@@ -139,7 +163,9 @@ def _subset(builder, name: str, split: str, holdout_validation: bool) -> _Subset
   return _Subset(((split, 0, sizes[split]),), sizes[split])
 
 
-def _eval_splits(name: str, holdout_validation: bool) -> tuple:
+def _eval_splits(builder, name: str, holdout_validation: bool) -> tuple:
+  if folder_listing.is_folder(name):
+    return tuple(s for s in ('validation', 'test') if s in builder.info.splits)
   if name == 'imagenet2012':
     return ('validation',)
   if name == 'svhn_cropped' or holdout_validation:
@@ -150,20 +176,26 @@ def _eval_splits(name: str, holdout_validation: bool) -> tuple:
 def _image_shape(name: str, image_size: Optional[int]) -> tuple:
   if name == 'imagenet2012':
     return (pp.CROP_SIZE, pp.CROP_SIZE, 3)
+  if folder_listing.is_folder(name):
+    size = image_size or FOLDER_IMAGE_SIZE
+    return (size, size, 3)
   if image_size is not None:
     return (image_size, image_size, IMAGE_SHAPES[name][2])
   return IMAGE_SHAPES[name]
 
 
 def dataset_info(name: str, data_dir: Optional[str], *, holdout_validation: bool = False,
-                 image_size: Optional[int] = None) -> DatasetInfo:
-  """Sizes, classes and shapes of a prepared dataset (`digits` is prepared here if needed)."""
+                 image_size: Optional[int] = None,
+                 folder_options: Optional[FolderOptions] = None) -> DatasetInfo:
+  """Sizes, classes and shapes of a prepared dataset (digits and folders are prepared here if
+  needed)."""
   config_validation.check_dataset_options(name, holdout_validation=holdout_validation,
                                           image_size=image_size)
-  builder = _builder(name, data_dir)
-  eval_splits = _eval_splits(name, holdout_validation)
+  builder = _builder(name, data_dir, folder_options)
+  eval_splits = _eval_splits(builder, name, holdout_validation)
   return DatasetInfo(
       name=name,
+      class_names=tuple(builder.info.features['label'].names),
       num_classes=builder.info.features['label'].num_classes,
       image_shape=_image_shape(name, image_size),
       num_train=_subset(builder, name, 'train', holdout_validation).size,
@@ -242,24 +274,51 @@ def _epoch_seed(seed, epoch):
   return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
 
 
+def folder_transform(name: str, data_dir: Optional[str], options: FolderOptions,
+                     image_size: Optional[int]) -> dict:
+  """The keyword arguments of preprocessing.folder_eval (and, with the augmentation fields,
+  folder_train) for a folder dataset: its input size and normalization statistics."""
+  if options.normalization == 'imagenet':
+    mean, std = pp.IMAGENET_MEAN, pp.IMAGENET_STD
+  elif options.normalization == 'folder':
+    mean, std = folder.normalization_statistics(_builder(name, data_dir, options))
+  else:
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+  return dict(size=image_size or FOLDER_IMAGE_SIZE, transform=options.eval_transform,
+              crop_ratio=options.center_crop_ratio, mean=mean, std=std)
+
+
 def example_preprocessor(name: str, *, train: bool, seed: int = 0, augment: bool = True,
                          ten_crop: bool = False, eval_resize: str = 'bicubic',
-                         image_size: Optional[int] = None):
+                         image_size: Optional[int] = None,
+                         folder_options: Optional[FolderOptions] = None,
+                         data_dir: Optional[str] = None):
   """fn(example) -> dict(image, label) for one example of `_read` (training: plus `epoch`).
 
   digits: pixels / 16 (range [0, 1]), optional shifts, optional bilinear upscaling to
   image_size; cifar: per-channel standardization, '+' augmentation; svhn_cropped: pixels / 255;
-  imagenet2012: fb.resnet.torch's training transform, or the evaluation resize + center crop.
+  imagenet2012: fb.resnet.torch's training transform, or the evaluation resize + center crop;
+  folders: config.folder's transforms (preprocessing.folder_train / folder_eval).
   """
   augment = train and augment
   config_validation.check_dataset_options(name, augment=augment, image_size=image_size,
                                           ten_crop=ten_crop, eval_resize=eval_resize)
   shape = IMAGE_SHAPES.get(name)
+  if folder_listing.is_folder(name):
+    transform = folder_transform(name, data_dir, folder_options, image_size)
 
   def preprocess(example):
     key = None
     if augment:
       key = tf.stack([_epoch_seed(seed, example['epoch']), example['index']])
+    if folder_listing.is_folder(name):
+      if not augment:
+        return {'image': pp.folder_eval(example['image'], **transform), 'label': example['label']}
+      image = pp.folder_train(example['image'], key, **transform,
+                              augmentation=folder_options.augmentation,
+                              translate_pixels=folder_options.translate_pixels,
+                              flip=folder_options.flip)
+      return {'image': image, 'label': example['label']}
     if name == 'imagenet2012':
       if augment:
         image = pp.imagenet_train(example['image'], key)
@@ -297,27 +356,31 @@ def _per_device(local_device_count: int):
 def create_train_iterator(name: str, *, data_dir: Optional[str], topology: Topology, seed: int,
                           start_step: int = 0, augment: bool = True,
                           holdout_validation: bool = False,
-                          image_size: Optional[int] = None) -> Iterator[dict]:
+                          image_size: Optional[int] = None,
+                          folder_options: Optional[FolderOptions] = None) -> Iterator[dict]:
   """Infinite iterator of this process's training batches, starting at `start_step`.
 
   An epoch is `topology.steps_per_epoch(num_train)` steps (the remainder is dropped, a new order
   each epoch). The batches from `start_step` on equal those of an uninterrupted run.
   """
   info = dataset_info(name, data_dir, holdout_validation=holdout_validation,
-                      image_size=image_size)
+                      image_size=image_size, folder_options=folder_options)
   preprocess = example_preprocessor(name, train=True, seed=seed, augment=augment,
-                                    image_size=image_size)
+                                    image_size=image_size, folder_options=folder_options,
+                                    data_dir=data_dir)
   steps_per_epoch = topology.steps_per_epoch(info.num_train)
   local_batch = topology.local_batch_size
   if start_step < 0:
     raise ValueError(f'start_step {start_step} is negative')
-  builder = _builder(name, data_dir)
+  builder = _builder(name, data_dir, folder_options)
   shard = _shard(builder, _subset(builder, name, 'train', holdout_validation),
                  topology.process_index, topology.process_count)
   examples = _read(builder, name, shard)
   buffer_size = shard.size
   if name == 'imagenet2012':
     buffer_size = min(buffer_size, IMAGENET_SHUFFLE_BUFFER)
+  if folder_options is not None:
+    buffer_size = min(buffer_size, folder_options.shuffle_buffer)
 
   def epoch_examples(epoch):
     # A global TF seed (tf.random.set_seed, keras.utils.set_random_seed) would otherwise enter
@@ -341,19 +404,22 @@ def create_train_iterator(name: str, *, data_dir: Optional[str], topology: Topol
 def create_eval_iterator(name: str, split: str, *, data_dir: Optional[str], topology: Topology,
                          holdout_validation: bool = False, ten_crop: bool = False,
                          eval_resize: str = 'bicubic',
-                         image_size: Optional[int] = None) -> tuple[Iterable[dict], int]:
+                         image_size: Optional[int] = None,
+                         folder_options: Optional[FolderOptions] = None
+                         ) -> tuple[Iterable[dict], int]:
   """(re-iterable batches, num_steps) covering this process's share of `split` once.
 
   The last batches are padded with mask-0 examples so that every process runs num_steps steps.
   """
   info = dataset_info(name, data_dir, holdout_validation=holdout_validation,
-                      image_size=image_size)
+                      image_size=image_size, folder_options=folder_options)
   if split not in info.eval_splits:
     raise ValueError(f'split {split!r} is not an eval split of {name}: {info.eval_splits}')
   preprocess = example_preprocessor(name, train=False, ten_crop=ten_crop,
-                                    eval_resize=eval_resize, image_size=image_size)
+                                    eval_resize=eval_resize, image_size=image_size,
+                                    folder_options=folder_options, data_dir=data_dir)
   local_batch = topology.local_batch_size
-  builder = _builder(name, data_dir)
+  builder = _builder(name, data_dir, folder_options)
   shard = _shard(builder, _subset(builder, name, split, holdout_validation),
                  topology.process_index, topology.process_count)
   num_steps = topology.eval_steps(info.num_eval[split])

@@ -180,6 +180,17 @@ def lighting_alpha(key):
   return tf.random.stateless_normal([3], key, stddev=LIGHTING_STD)
 
 
+def random_sized_crop(image, key, size):
+  """fb.resnet.torch's random-sized crop of a uint8 image, resized bicubic to size x size, as
+  float in [0, 1]; when no try fits, the shorter side scaled to size and a center crop."""
+  shape = tf.shape(image)
+  window, found = crop_window(shape[0], shape[1], key)
+  y, x, h, w = tf.unstack(window)
+  image = tf.cast(image[y:y + h, x:x + w], tf.float32) / 255
+  return tf.cond(found, lambda: resize(image, [size, size]),
+                 lambda: center_crop(resize_shorter_side(image, size), size))
+
+
 def imagenet_train(jpeg, key):
   """fb.resnet.torch training transform of one JPEG: [224, 224, 3] float32, normalized.
 
@@ -189,15 +200,7 @@ def imagenet_train(jpeg, key):
   changes pixels on the window's right edge by up to 9 levels.
   """
   keys = tf.random.experimental.stateless_split(key, 4)
-  image = tf.io.decode_jpeg(jpeg, channels=3)
-  shape = tf.shape(image)
-  window, found = crop_window(shape[0], shape[1], keys[0])
-  y, x, h, w = tf.unstack(window)
-  image = tf.cast(image[y:y + h, x:x + w], tf.float32) / 255
-  image = tf.cond(
-      found,
-      lambda: resize(image, [CROP_SIZE, CROP_SIZE]),
-      lambda: center_crop(resize_shorter_side(image, CROP_SIZE), CROP_SIZE))
+  image = random_sized_crop(tf.io.decode_jpeg(jpeg, channels=3), keys[0], CROP_SIZE)
   image = color_jitter(image, *jitter_params(keys[1]))
   image = lighting(image, lighting_alpha(keys[2]))
   image = standardize(image, IMAGENET_MEAN, IMAGENET_STD)
@@ -215,3 +218,47 @@ def imagenet_eval(jpeg, method='bicubic', ten_crops=False):
     crops = tf.ensure_shape(center_crop(image, CROP_SIZE), [CROP_SIZE, CROP_SIZE, 3])
   return standardize(crops, IMAGENET_MEAN, IMAGENET_STD)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders (datasets.FOLDER_*): any size and format, to a square input of `size`.
+
+def decode_any(encoded):
+  """JPEG, PNG, BMP or GIF (its first frame) as uint8 RGB: grayscale and RGBA become RGB."""
+  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def folder_eval_view(image, size, transform, crop_ratio):
+  """A uint8 image as float [0, 1] [size, size, 3] (antialiased bilinear, as PIL and
+  torchvision): 'resize_center_crop' scales the shorter side to round(size / crop_ratio) and
+  takes the center crop; 'resize' scales the whole image to size x size."""
+  image = tf.cast(image, tf.float32) / 255
+  if transform == 'resize':
+    image = resize(image, [size, size], 'bilinear')
+  else:
+    image = center_crop(resize_shorter_side(image, round(size / crop_ratio), 'bilinear'), size)
+  return tf.ensure_shape(image, [size, size, 3])
+
+
+def folder_eval(encoded, size, transform, crop_ratio, mean, std):
+  return standardize(folder_eval_view(decode_any(encoded), size, transform, crop_ratio), mean,
+                     std)
+
+
+def folder_train(encoded, key, size, transform, crop_ratio, mean, std, augmentation,
+                 translate_pixels, flip):
+  """augmentation 'none': the eval view; 'translate': the eval view shifted by up to
+  translate_pixels (zero padding, random crop: the paper's CIFAR law); 'imagenet': the
+  random-sized crop, color jitter and lighting of fb.resnet.torch. flip: a random mirror."""
+  keys = tf.random.experimental.stateless_split(key, 4)
+  image = decode_any(encoded)
+  if augmentation == 'imagenet':
+    image = random_sized_crop(image, keys[0], size)
+    image = lighting(color_jitter(image, *jitter_params(keys[1])), lighting_alpha(keys[2]))
+  else:
+    image = folder_eval_view(image, size, transform, crop_ratio)
+    if augmentation == 'translate':
+      image = pad_and_crop(image, translate_pixels, keys[0])
+  if flip:
+    image = random_flip(image, keys[3])
+  return tf.ensure_shape(standardize(image, mean, std), [size, size, 3])

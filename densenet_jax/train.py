@@ -18,12 +18,13 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 from etils import epath
 
 from densenet_jax import architectures, checkpoints, config_validation, convert, costs, devices
-from densenet_jax import input_pipeline, metric_writer, models, preemption, steps
+from densenet_jax import folder_listing, input_pipeline, metric_writer, models, preemption, steps
 
 
 class RunError(RuntimeError):
@@ -63,8 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_text('config', config.to_json_best_effort(indent=2))
   train_batches = devices.prefetch_to_device(input_pipeline.create_train_iterator(
       config.dataset, data_dir=config.data_dir, topology=topology, seed=config.seed,
-      start_step=start_step, augment=config.augment,
-      holdout_validation=config.holdout_validation, image_size=config.image_size))
+      start_step=start_step, augment=config.augment, **_data_options(config)))
   evaluator = Evaluator(config, info)
   p_state = devices.replicate(state)
   del state
@@ -136,11 +136,25 @@ def _check_writable(workdir: str):
     raise RunError(f'workdir {workdir} is not writable: {e}') from e
 
 
+def _data_options(config) -> dict:
+  """The dataset options that every input pipeline call of a run takes."""
+  folder_options = (input_pipeline.FolderOptions(**config.folder)
+                    if folder_listing.is_folder(config.dataset) else None)
+  return dict(holdout_validation=config.holdout_validation, image_size=config.image_size,
+              folder_options=folder_options)
+
+
 def _dataset_info(config) -> input_pipeline.DatasetInfo:
+  """The dataset's sizes and classes. A folder is prepared on first use: with several processes,
+  by process 0 while the others wait."""
+  info = functools.partial(input_pipeline.dataset_info, config.dataset, config.data_dir,
+                           **_data_options(config))
   try:
-    return input_pipeline.dataset_info(config.dataset, config.data_dir,
-                                       holdout_validation=config.holdout_validation,
-                                       image_size=config.image_size)
+    if folder_listing.is_folder(config.dataset) and jax.process_count() > 1:
+      if jax.process_index() == 0:
+        info()
+      multihost_utils.sync_global_devices('folder dataset prepared')
+    return info()
   except FileNotFoundError as e:  # not prepared: the message says how to prepare it
     raise RunError(str(e)) from e
 
@@ -259,9 +273,8 @@ class Evaluator:
                                 axis_name=steps.AXIS_NAME)
     topology = devices.Topology.of_this_process(config.eval_batch_size)
     self.splits = {split: input_pipeline.create_eval_iterator(
-        config.dataset, split, data_dir=config.data_dir, topology=topology,
-        holdout_validation=config.holdout_validation, ten_crop=ten_crop,
-        eval_resize=config.eval_resize, image_size=config.image_size)[0]
+        config.dataset, split, data_dir=config.data_dir, topology=topology, ten_crop=ten_crop,
+        eval_resize=config.eval_resize, **_data_options(config))[0]
                    for split in info.eval_splits}
 
   def __call__(self, p_state) -> dict:
