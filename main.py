@@ -31,8 +31,13 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs and results.json go here; '
                     'default: a new directory under runs/. An existing workdir is resumed.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'], 'Train (and evaluate), or evaluate '
-                  'the best checkpoint of --workdir (or config.init_from).')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'], 'Train (and evaluate); '
+                  'evaluate the best checkpoint of --workdir (or config.init_from); or predict '
+                  'the classes of --images with it.')
+flags.DEFINE_list('images', None, '--mode=predict: image files or folders (comma-separated).')
+flags.DEFINE_integer('top_k', 5, '--mode=predict: classes reported per image.', lower_bound=1)
+flags.DEFINE_string('predictions_csv', None, '--mode=predict: the CSV written (default: '
+                    'WORKDIR/predictions.csv with --workdir, else predictions.csv).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with the settings '
                   'JAX detects (Cloud TPU pod, SLURM, Open MPI) even where main.py sees no '
                   'multi-process cluster in the environment.')
@@ -84,11 +89,37 @@ def _fail(message: str, exit_code: int = 1):
 
 
 def _print_evaluation(evaluation: dict):
-  """One line per split: its errors in percent and its loss."""
+  """One line per split: its errors in percent and its loss; then, where computed, each
+  class's recall and the confusion matrix (rows: true class, columns: predicted)."""
   for split, values in evaluation['eval'].items():
     errors = ' '.join(f'{k} {100 * v:.2f}%' for k, v in values.items() if k.endswith('error'))
     print(f'{split} ({values["count"]} images, step {evaluation["step"]}): {errors} '
           f'loss {values["loss"]:.4f}')
+  for split, per_class in (evaluation.get('per_class') or {}).items():
+    names = per_class['class_names']
+    width = max(len(n) for n in names)
+    print(f'{split}: recall per class, then the confusion matrix (row: true, column: predicted)')
+    for name, recall, row in zip(names, per_class['recall'], per_class['confusion_matrix']):
+      shown = '-' if recall is None else f'{100 * recall:.2f}%'
+      print(f'  {name:>{width}} {shown:>7} | ' + ' '.join(f'{c:>4}' for c in row))
+
+
+def _predict(config, workdir):
+  """--mode=predict: a table on stdout and a CSV of the top-k classes of --images."""
+  if not FLAGS.images:
+    _fail('--mode=predict needs --images=PATH[,PATH...] (image files or folders)', 2)
+  if workdir is None and not config.init_from:
+    _fail('--mode=predict needs --workdir=RUN (a trained run) or --config.init_from=WEIGHTS', 2)
+  from densenet_jax import checkpoints, predict, train  # imports TensorFlow
+  try:
+    predictions = predict.predict(config, workdir, FLAGS.images, FLAGS.top_k)
+  except (FileNotFoundError, train.RunError, checkpoints.CheckpointError) as e:
+    _fail(str(e))
+  print(predictions.table())
+  path = FLAGS.predictions_csv or os.path.join(workdir or '.', 'predictions.csv')
+  predictions.write_csv(path)
+  print(f'{len(predictions.files)} images predicted, {len(predictions.unreadable)} unreadable; '
+        f'top-{FLAGS.top_k} classes written to {path}')
 
 
 def _config_arg(argv):
@@ -144,10 +175,12 @@ def main(argv):
   config = FLAGS.config
   from densenet_jax import config_validation  # no TensorFlow: a bad config fails in seconds
   try:
-    config_validation.validate(config, jax.device_count())
+    config_validation.validate(config, jax.device_count(), data=FLAGS.mode != 'predict')
   except config_validation.ConfigError as e:
     _fail(str(e), exit_code=2)
   workdir = FLAGS.workdir
+  if FLAGS.mode == 'predict':
+    return _predict(config, workdir)
   if workdir is None:
     if jax.process_count() > 1:
       _fail('multi-process runs need an explicit --workdir shared by all processes', 2)

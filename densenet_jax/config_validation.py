@@ -148,8 +148,11 @@ def check_init_from(init_from: str, model_name: str):
           f'{", ".join(weights.PUBLISHED)})')
 
 
-def validate(config: ml_collections.ConfigDict, device_count: int):
-  """Raises ConfigError for the first field that no run on `device_count` devices can use."""
+def validate(config: ml_collections.ConfigDict, device_count: int, data: bool = True):
+  """Raises ConfigError for the first field that no run on `device_count` devices can use.
+
+  data=False skips what needs the dataset itself (a folder's files): --mode=predict on a run
+  whose data has moved since."""
   check_model(config.model)
   for field in ('augment', 'holdout_validation', 'cross_replica_bn', 'ten_crop'):
     _check_bool(config, field)
@@ -157,7 +160,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int):
                         holdout_validation=config.holdout_validation,
                         image_size=config.image_size, ten_crop=config.ten_crop,
                         eval_resize=config.eval_resize)
-  if folder_listing.is_folder(config.dataset):
+  if data and folder_listing.is_folder(config.dataset):
     check_folder(config.dataset, config.folder)
   for field in ('data_dir', 'init_from'):
     if config.get(field) is not None and not isinstance(config[field], str):

@@ -101,8 +101,7 @@ def _checked_bytes(path: str, max_side: int) -> Optional[bytes]:
   try:
     image = pp.decode_any(encoded)
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-    reason = str(e.message).strip().splitlines()[0] if e.message else type(e).__name__
-    print(f'skipped {path}: does not decode as an image ({reason})')
+    print(f'skipped {path}: does not decode as an image ({pp.decode_error(e)})')
     return None
   height, width = int(image.shape[0]), int(image.shape[1])
   if not max_side or max(height, width) <= max_side:

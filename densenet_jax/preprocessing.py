@@ -9,6 +9,8 @@ TensorFlow is kept off the GPUs here, in the first module of the package that im
 input pipeline never takes accelerator memory from JAX.
 """
 
+import re
+
 import tensorflow as tf
 
 from densenet_jax.datasets import RESIZE_METHODS
@@ -210,7 +212,7 @@ def imagenet_train(jpeg, key):
 def imagenet_eval(jpeg, method='bicubic', ten_crops=False):
   """Shorter side to 256, then the center 224 crop ([224, 224, 3]) or the 10 crops
   ([10, 224, 224, 3], layout of `ten_crop`), normalized."""
-  image = tf.cast(tf.io.decode_jpeg(jpeg, channels=3), tf.float32) / 255
+  image = tf.cast(decode_any(jpeg), tf.float32) / 255  # JPEG as decode_jpeg; PNG etc. too
   image = resize_shorter_side(image, RESIZE_SIZE, method)
   if ten_crops:
     crops = tf.ensure_shape(ten_crop(image, CROP_SIZE), [10, CROP_SIZE, CROP_SIZE, 3])
@@ -226,6 +228,12 @@ def imagenet_eval(jpeg, method='bicubic', ten_crops=False):
 def decode_any(encoded):
   """JPEG, PNG, BMP or GIF (its first frame) as uint8 RGB: grayscale and RGBA become RGB."""
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def decode_error(error: tf.errors.OpError) -> str:
+  """The reason of a failed decode, in one line without TensorFlow's op decorations."""
+  message = re.sub(r'\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$', '', error.message or '')
+  return message.strip().splitlines()[0] if message.strip() else type(error).__name__
 
 
 def folder_eval_view(image, size, transform, crop_ratio):

@@ -109,9 +109,10 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn: Callable,
   return state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, top5: bool = False,
+def eval_step(state: TrainState, batch: dict, *, top5: bool = False, confusion: bool = False,
               axis_name: Optional[str] = AXIS_NAME) -> dict:
-  """Sums of loss and errors over the examples whose mask is 1 (padding has mask 0).
+  """Sums of loss and errors over the examples whose mask is 1 (padding has mask 0); with
+  `confusion`, also the confusion matrix counts [true class, predicted class].
 
   An image batch of shape [batch, crops, H, W, C] (10-crop) is scored by the mean of the crops'
   logits.
@@ -129,6 +130,10 @@ def eval_step(state: TrainState, batch: dict, *, top5: bool = False,
   per_example['loss'] = cross_entropy(logits, batch['label'])
   sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
   sums['count'] = jnp.sum(mask)
+  if confusion:
+    num_classes = logits.shape[-1]
+    sums['confusion'] = jnp.zeros((num_classes, num_classes), jnp.float32).at[
+        batch['label'], jnp.argmax(logits, -1)].add(mask)
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   return sums

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_time = time.time()
   config_validation.validate(config, jax.device_count())
   _check_writable(workdir)
-  info = _dataset_info(config)
+  info = dataset_info_of(config)
   topology = devices.Topology.of_this_process(config.batch_size)
   steps_per_epoch = _steps_per_epoch(topology, info)
   total_steps = config.num_epochs * steps_per_epoch
@@ -58,13 +58,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpoints.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                  keep=config.keep_checkpoints, cleanup=True)
   state, history = _restore_or_initialize(config, ckpt, state, workdir)
+  _write_classes(config, workdir, info)
   start_step = int(state.step)
   writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
   if start_step == 0:
     writer.write_text('config', config.to_json_best_effort(indent=2))
   train_batches = devices.prefetch_to_device(input_pipeline.create_train_iterator(
       config.dataset, data_dir=config.data_dir, topology=topology, seed=config.seed,
-      start_step=start_step, augment=config.augment, **_data_options(config)))
+      start_step=start_step, augment=config.augment, **data_options(config)))
   evaluator = Evaluator(config, info)
   p_state = devices.replicate(state)
   del state
@@ -94,18 +95,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stop.restore()
     writer.flush()
     ckpt.close()
-  return _write_results(config, workdir, history, num_params, time.time() - start_time)
+  return _write_results(config, workdir, history, num_params, time.time() - start_time,
+                        evaluator.per_class)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict:
   """{'step', 'eval'}: the best (or latest) checkpoint of workdir, or config.init_from's
   weights, evaluated on every eval split."""
   config_validation.validate(config, jax.device_count())
-  info = _dataset_info(config)
+  info = dataset_info_of(config)
+  state = state_for_evaluation(config, workdir, info)
+  evaluator = Evaluator(config, info, ten_crop=config.ten_crop)
+  results = evaluator(devices.replicate(state))
+  return {'step': int(state.step), 'eval': results, 'per_class': evaluator.per_class}
+
+
+def state_for_evaluation(config, workdir: Optional[str], info: input_pipeline.DatasetInfo):
+  """The best (or latest) checkpoint of workdir, else config.init_from's weights."""
   state, _ = _make_state(config, info, steps_per_epoch=1)
-  state = _restore_for_evaluation(config, workdir, state)
-  results = Evaluator(config, info, ten_crop=config.ten_crop)(devices.replicate(state))
-  return {'step': int(state.step), 'eval': results}
+  return _restore_for_evaluation(config, workdir, state)
+
+
+CLASSES_FILE = 'classes.json'
+
+
+def read_classes(workdir: str) -> Optional[dict]:
+  """What a run's workdir records of its data (`_write_classes`), or None if it has none."""
+  path = epath.Path(workdir) / CLASSES_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_classes(config, workdir: str, info: input_pipeline.DatasetInfo):
+  """workdir/classes.json: the class names, input shape and (folders) the eval transform, so
+  that --mode=predict works after the data has moved."""
+  record = {'dataset': config.dataset, 'class_names': list(info.class_names),
+            'image_shape': list(info.image_shape)}
+  if folder_listing.is_folder(config.dataset):
+    record['folder_transform'] = input_pipeline.folder_transform(
+        config.dataset, config.data_dir, data_options(config)['folder_options'],
+        config.image_size)
+  if jax.process_index() == 0:
+    partial = epath.Path(workdir) / f'.{CLASSES_FILE}.partial'
+    partial.write_text(json.dumps(record, indent=1))
+    partial.replace(epath.Path(workdir) / CLASSES_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +168,7 @@ def _check_writable(workdir: str):
     raise RunError(f'workdir {workdir} is not writable: {e}') from e
 
 
-def _data_options(config) -> dict:
+def data_options(config) -> dict:
   """The dataset options that every input pipeline call of a run takes."""
   folder_options = (input_pipeline.FolderOptions(**config.folder)
                     if folder_listing.is_folder(config.dataset) else None)
@@ -144,11 +176,11 @@ def _data_options(config) -> dict:
               folder_options=folder_options)
 
 
-def _dataset_info(config) -> input_pipeline.DatasetInfo:
+def dataset_info_of(config) -> input_pipeline.DatasetInfo:
   """The dataset's sizes and classes. A folder is prepared on first use: with several processes,
   by process 0 while the others wait."""
   info = functools.partial(input_pipeline.dataset_info, config.dataset, config.data_dir,
-                           **_data_options(config))
+                           **data_options(config))
   try:
     if folder_listing.is_folder(config.dataset) and jax.process_count() > 1:
       if jax.process_index() == 0:
@@ -195,7 +227,8 @@ def _restore_for_evaluation(config, workdir: Optional[str], state):
     ckpt = checkpoints.Checkpoints(os.path.join(workdir, 'checkpoints'))
     state, record = ckpt.restore(state)
     if record is not None and config.eval_checkpoint == 'best':
-      state, record = ckpt.restore(state, step=_best(record['history'])['step'])
+      best = _best(record['history'], steps=ckpt.manager.all_steps())
+      state, record = ckpt.restore(state, step=best['step'])
     ckpt.close()
   if record is None:
     if not config.init_from:
@@ -265,21 +298,32 @@ class _TrainLog:
     return summary
 
 
+PER_CLASS_MAX_CLASSES = 100  # per-class recall and confusion matrix up to this many classes
+
+
 class Evaluator:
-  """Every eval split's batches (built once, re-read at each eval) and the pmapped eval step."""
+  """Every eval split's batches (built once, re-read at each eval) and the pmapped eval step.
+
+  With at most PER_CLASS_MAX_CLASSES classes, each call also leaves in `per_class` every
+  split's per-class recall and confusion matrix, with the class names.
+  """
 
   def __init__(self, config, info: input_pipeline.DatasetInfo, ten_crop: bool = False):
-    self.p_eval_step = jax.pmap(functools.partial(steps.eval_step, top5=_reports_top5(info)),
+    self.class_names = list(info.class_names)
+    self.confusion = info.num_classes <= PER_CLASS_MAX_CLASSES
+    self.per_class = None
+    self.p_eval_step = jax.pmap(functools.partial(steps.eval_step, top5=_reports_top5(info),
+                                                  confusion=self.confusion),
                                 axis_name=steps.AXIS_NAME)
     topology = devices.Topology.of_this_process(config.eval_batch_size)
     self.splits = {split: input_pipeline.create_eval_iterator(
         config.dataset, split, data_dir=config.data_dir, topology=topology, ten_crop=ten_crop,
-        eval_resize=config.eval_resize, **_data_options(config))[0]
+        eval_resize=config.eval_resize, **data_options(config))[0]
                    for split in info.eval_splits}
 
   def __call__(self, p_state) -> dict:
     """Top-1/top-5 error and loss on every eval split, each example counted exactly once."""
-    results = {}
+    results, per_class = {}, {}
     for split, batches in self.splits.items():
       totals = None
       for batch in devices.prefetch_to_device(batches):
@@ -287,9 +331,19 @@ class Evaluator:
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
       totals = devices.unreplicate(totals)
       count = float(totals.pop('count'))
+      if self.confusion:
+        per_class[split] = self._per_class(np.rint(totals.pop('confusion')).astype(int))
       results[split] = {k: float(v) / count for k, v in totals.items()}
       results[split]['count'] = int(count)
+    self.per_class = per_class or None
     return results
+
+  def _per_class(self, confusion: np.ndarray) -> dict:
+    """Recall of each class (None for a class with no examples) and the confusion matrix."""
+    examples = confusion.sum(1)
+    recall = [float(confusion[i, i] / n) if n else None for i, n in enumerate(examples)]
+    return {'class_names': self.class_names, 'recall': recall,
+            'confusion_matrix': confusion.tolist()}
 
 
 _p_average_batch_stats = jax.pmap(steps.average_batch_stats, axis_name=steps.AXIS_NAME)
@@ -341,8 +395,11 @@ def _selection(eval_results: dict):
   return split, eval_results[split]['top1_error']
 
 
-def _best(history: list) -> dict:
-  return min(history, key=lambda h: _selection(h['eval'])[1])
+def _best(history: list, steps: Optional[Sequence[int]] = None) -> dict:
+  """The eval with the lowest selection error (among `steps`, if given); of equal errors the
+  latest, as the checkpoint manager keeps (orbax's BestN keeps the last of a tie)."""
+  candidates = [h for h in history if steps is None or h['step'] in steps]
+  return min(reversed(candidates), key=lambda h: _selection(h['eval'])[1])
 
 
 def built_and_paper(config) -> dict:
@@ -353,10 +410,12 @@ def built_and_paper(config) -> dict:
           'paper': architectures.paper_result(architecture, config.dataset, config.augment)}
 
 
-def _write_results(config, workdir: str, history: list, num_params: int,
-                   wall_time: float) -> dict:
-  """results.json: final and best evals, the built network and the paper's number for it."""
-  results = {'final': history[-1], 'best': _best(history),
+def _write_results(config, workdir: str, history: list, num_params: int, wall_time: float,
+                   per_class: Optional[dict]) -> dict:
+  """results.json: final and best evals, the final eval's per-class recall and confusion matrix
+  (None if not evaluated in this process or too many classes), the built network and the
+  paper's number for it."""
+  results = {'final': history[-1], 'final_per_class': per_class, 'best': _best(history),
              'selected_by': _selection(history[-1]['eval'])[0], **built_and_paper(config),
              'num_params': num_params, 'wall_time_sec': wall_time, 'history': history,
              'config': json.loads(config.to_json_best_effort())}

@@ -59,9 +59,11 @@ def test_train_step_lowers_for_gpu_and_tpu(memory_efficient, dtype):
 
 def test_eval_step_lowers_for_gpu_and_tpu():
   state, _ = _abstract_state(False, 'float32')
-  step = _sharded(functools.partial(steps.eval_step, top5=True))
+  step = _sharded(functools.partial(steps.eval_step, top5=True, confusion=True))
   batch = _batch(mask=jax.ShapeDtypeStruct((BATCH,), jnp.float32))
   exported = jax.export.export(step, platforms=PLATFORMS)(state, batch)
   assert exported.platforms == tuple(PLATFORMS)
-  assert exported.out_tree.num_leaves == 4  # the sums of count, loss, top-1 and top-5 errors
-  assert all(a.shape == () for a in exported.out_avals)
+  # the sums of the confusion matrix, count, loss, top-1 and top-5 errors (sorted keys)
+  assert exported.out_tree.num_leaves == 5
+  num_classes = state.params['classifier']['bias'].shape[0]
+  assert [a.shape for a in exported.out_avals] == [(num_classes, num_classes)] + [()] * 4

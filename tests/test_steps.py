@@ -116,3 +116,21 @@ def test_eval_step_counts_only_unmasked_examples_and_averages_ten_crops():
   sums = steps.eval_step(state, {'image': crops, 'label': labels, 'mask': mask}, axis_name=None)
   expected = (np.argmax(mean_logits, -1) != labels)[:3].sum()
   assert float(sums['top1_error']) == pytest.approx(expected)
+
+
+def test_eval_step_confusion_matrix_counts_unmasked_examples_by_true_and_predicted_class():
+  model = models.DenseNet(block_sizes=(1,), growth_rate=4, num_classes=3)
+  state = steps.create_train_state(model, jax.random.key(0), (8, 8, 3),
+                                   steps.sgd_nesterov(0.1, 0.9, 0.0))
+  images = np.random.default_rng(1).normal(size=(6, 8, 8, 3)).astype(np.float32)
+  labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
+  mask = np.array([1, 1, 1, 1, 1, 0], np.float32)
+  sums = steps.eval_step(state, {'image': images, 'label': labels, 'mask': mask},
+                         confusion=True, axis_name=None)
+  predicted = np.argmax(state.apply_fn({'params': state.params,
+                                        'batch_stats': state.batch_stats}, images), -1)
+  expected = np.zeros((3, 3))
+  for true, guess in zip(labels[:5], predicted[:5]):
+    expected[true, guess] += 1
+  np.testing.assert_array_equal(sums['confusion'], expected)
+  assert float(sums['top1_error']) == 5 - np.trace(expected)

@@ -9,6 +9,7 @@ variations of scikit-learn's two sample photos.
 """
 
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -98,3 +99,25 @@ def build_imagenet(data_dir, manual_dir, num_val: int = 6):
   val = {f'ILSVRC2012_val_{i + 1:08d}.JPEG': photos[i] for i in range(num_val)}
   (manual_dir / 'ILSVRC2012_img_val.tar').write_bytes(_tar(val))
   input_pipeline.prepare('imagenet2012', str(data_dir), str(manual_dir))
+
+
+def digits_folder(root) -> dict:
+  """scikit-learn's 1,797 digits as PNG class folders root/{train,test}/<digit>/, split as the
+  built-in digits dataset is (pixels 0..16 scaled to 0..255), plus three bad files in train/
+  (text named .png, a truncated PNG, an empty .jpg). Returns {'train': n, 'test': n} images."""
+  from sklearn import model_selection  # pylint: disable=import-outside-toplevel
+  from densenet_jax import digits  # pylint: disable=import-outside-toplevel
+  images, labels = datasets.load_digits(return_X_y=True)
+  train, test = model_selection.train_test_split(
+      np.arange(len(labels)), test_size=digits.NUM_TEST, stratify=labels,
+      random_state=digits.SPLIT_SEED)
+  for split, indices in (('train', train), ('test', test)):
+    for i in indices:
+      path = root / split / str(labels[i]) / f'{i:04d}.png'
+      path.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(np.rint(images[i].reshape(8, 8) * 255 / 16).astype(np.uint8)).save(path)
+  (root / 'train/3/notes.png').write_bytes(b'not an image')
+  (root / 'train/5/cut.png').write_bytes((root / 'test/5' / os.listdir(root / 'test/5')[0])
+                                         .read_bytes()[:40])
+  (root / 'train/7/empty.jpg').write_bytes(b'')
+  return {'train': len(train), 'test': len(test)}
