@@ -35,7 +35,7 @@ def run_main(args, timeout=60):
      'config.augment=True: svhn_cropped is trained without augmentation, as in the paper: set '
      'augment=False'),
     ([DIGITS, '--config.dataset=cifar10'],
-     "config.image_size=16: only for digits, not 'cifar10'"),
+     "config.image_size=16: only for digits and folder:PATH datasets, not 'cifar10'"),
     ([DIGITS, '--config.holdout_validation=True'],
      'config.holdout_validation=True: only for cifar10, cifar100, svhn_cropped, not '
      "'digits' (svhn_cropped always holds out its validation set)"),

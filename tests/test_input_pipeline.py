@@ -87,7 +87,9 @@ def eval_ids(name, split, process_count, global_batch_size, local_device_count=L
 
 def test_dataset_info(data_dir):
   info = ip.dataset_info('cifar10', data_dir)
-  assert info == ip.DatasetInfo('cifar10', 10, (32, 32, 3), 64, {'test': 61}, ('test',))
+  stored_names = tuple(tfds.builder('cifar10', data_dir=data_dir).info.features['label'].names)
+  assert info == ip.DatasetInfo('cifar10', 10, (32, 32, 3), 64, {'test': 61}, ('test',),
+                                stored_names)
   info = ip.dataset_info('cifar10', data_dir, holdout_validation=True)
   assert (info.num_train, info.num_eval) == (48, {'validation': 16, 'test': 61})
   assert ip.dataset_info('cifar100', data_dir).num_classes == 100
@@ -96,7 +98,8 @@ def test_dataset_info(data_dir):
   assert info.eval_splits == ('validation', 'test')
   info = ip.dataset_info('imagenet2012', data_dir)
   assert info == ip.DatasetInfo('imagenet2012', 1000, (224, 224, 3), 12, {'validation': 6},
-                                ('validation',))
+                                ('validation',), info.class_names)
+  assert info.class_names[:2] == ('n01440764', 'n01443537') and len(info.class_names) == 1000
 
 
 def test_errors_name_what_is_wrong_and_how_to_fix_it(data_dir, tmp_path):
@@ -293,7 +296,8 @@ def test_prefetch_to_device_feeds_pmap(data_dir):
 def test_digits_prepares_offline_with_a_stratified_split(tmp_path):
   data_dir = str(tmp_path)
   info = ip.dataset_info('digits', data_dir)
-  assert info == ip.DatasetInfo('digits', 10, (8, 8, 1), 1437, {'test': 360}, ('test',))
+  assert info == ip.DatasetInfo('digits', 10, (8, 8, 1), 1437, {'test': 360}, ('test',),
+                                tuple(str(d) for d in range(10)))
   batches, steps = ip.create_eval_iterator('digits', 'test', data_dir=data_dir,
                                            topology=Topology(128, local_device_count=1))
   batches = list(batches)

@@ -108,14 +108,37 @@ def test_published_names_are_checked_before_anything_runs():
     config_validation.check_init_from('keras:densenet169', 'densenet121')
 
 
-def serve_load_and_reload(server, monkeypatch, cache, key: str, body: bytes, expected: dict):
-  """Serves `body` as the publisher's file of `key` (with its digest), loads `key` twice: the
-  second time from the converted copy alone, with no request; both equal `expected`."""
+def serve(server, monkeypatch, key: str, body: bytes) -> weights.Published:
+  """Serves `body` as the publisher's file of published weights `key`, whose digest becomes
+  body's."""
   spec = weights.PUBLISHED[key]
   server.files[spec.file_name] = body
   digest = hashlib.new(spec.algorithm, body).hexdigest()[:len(spec.digest)]
   monkeypatch.setitem(weights.PUBLISHED, key, weights.Published(spec.url, spec.algorithm, digest,
                                                                 spec.model))
+  return spec
+
+
+def keras_densenet121_weights(directory):
+  """(bytes of a weights file in the format of Keras's published ones (legacy h5), the Keras
+  DenseNet-121 with those random weights)."""
+  import keras
+  from keras.src.legacy.saving import legacy_h5_format
+  import h5py
+  model = keras.applications.DenseNet121(weights=None, classifier_activation=None)
+  rng = np.random.default_rng(0)
+  model.set_weights([rng.normal(size=w.shape).astype(np.float32) * 0.1 + (w == 1)
+                     for w in model.get_weights()])
+  path = directory / 'served.h5'
+  with h5py.File(path, 'w') as f:
+    legacy_h5_format.save_weights_to_hdf5_group(f, model)
+  return path.read_bytes(), model
+
+
+def serve_load_and_reload(server, monkeypatch, cache, key: str, body: bytes, expected: dict):
+  """Serves `body` as the publisher's file of `key` (with its digest), loads `key` twice: the
+  second time from the converted copy alone, with no request; both equal `expected`."""
+  spec = serve(server, monkeypatch, key, body)
   assert_trees_equal(weights.load(key, str(cache)), expected)
   assert sorted(os.listdir(cache)) == [spec.file_name, f'{spec.file_name}.converted.npz']
   os.remove(cache / spec.file_name)  # the converted copy alone is enough now
@@ -133,18 +156,9 @@ def assert_trees_equal(a, b):
 @pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
 def test_keras_weights_download_convert_once_and_reuse(server, tmp_path, monkeypatch):
   """The Keras branch: a DenseNet-121 weights file in the publisher's (legacy h5) format."""
-  keras = pytest.importorskip('keras')
-  from keras.src.legacy.saving import legacy_h5_format  # the format of Keras's published files
-  import h5py
-  model = keras.applications.DenseNet121(weights=None, classifier_activation=None)
-  rng = np.random.default_rng(0)
-  model.set_weights([rng.normal(size=w.shape).astype(np.float32) * 0.1 + (w == 1)
-                     for w in model.get_weights()])
-  path = tmp_path / 'served.h5'
-  with h5py.File(path, 'w') as f:
-    legacy_h5_format.save_weights_to_hdf5_group(f, model)
-  serve_load_and_reload(server, monkeypatch, tmp_path / 'cache', 'keras:densenet121',
-                        path.read_bytes(), convert.from_keras(model))
+  body, model = keras_densenet121_weights(tmp_path)
+  serve_load_and_reload(server, monkeypatch, tmp_path / 'cache', 'keras:densenet121', body,
+                        convert.from_keras(model))
 
 
 def test_torchvision_weights_download_convert_once_and_reuse(server, tmp_path, monkeypatch):

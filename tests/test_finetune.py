@@ -1,0 +1,61 @@
+"""Prepare -> fine-tune -> predict, end to end in one process, on real photos (variations of
+scikit-learn's two sample photos as two classes) with configs/finetune.py, starting from
+published Keras DenseNet-121 weights (random, made by the test) served through the download
+path from 127.0.0.1."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import finetune
+from densenet_jax import predict, train
+import tfds_fixtures
+from test_weights import keras_densenet121_weights, serve, server  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def fast_compile():
+  """DenseNet-121's train step compiles in a fraction of the time with fewer XLA passes."""
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
+
+@pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
+def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch, fast_compile):
+  photos = tfds_fixtures.sample_photos()
+  for i, photo in enumerate(photos):
+    split = 'test' if i >= 8 else 'train'
+    path = tmp_path / 'photos' / split / ('china', 'flower')[i % 2] / f'{i}.jpg'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tfds_fixtures.jpeg(photo))
+  body, _ = keras_densenet121_weights(tmp_path)
+  spec = serve(server, monkeypatch, 'keras:densenet121', body)
+  monkeypatch.setenv('DENSENET_JAX_WEIGHTS_DIR', str(tmp_path / 'weights'))
+
+  config = finetune.get_config()
+  config.dataset = f'folder:{tmp_path / "photos"}'
+  config.data_dir = str(tmp_path / 'tfds')
+  config.init_from = 'keras:densenet121'
+  config.folder.holdout_fraction = 0.0  # test/ evaluates
+  config.image_size = 32  # DenseNet-121 down to 1x1 in its last block: a fast test
+  config.batch_size = config.eval_batch_size = 8
+  config.num_epochs, config.lr_decay_epochs, config.log_every_steps = 2, (1,), 1
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config, workdir)
+  assert results['final']['step'] == 2 and results['architecture']['name'] == 'densenet121'
+  assert results['final']['eval']['test']['count'] == 4
+  assert (tmp_path / 'weights' / f'{spec.file_name}.converted.npz').exists()
+
+  predictions = predict.predict(config, workdir, [str(tmp_path / 'photos' / 'test')], top_k=2)
+  assert predictions.class_names == ['china', 'flower'] and len(predictions.files) == 4
+  np.testing.assert_allclose(predictions.top_probabilities.sum(1), 1, rtol=1e-5)
+  correct = sum(predictions.class_names[c] == os.path.basename(os.path.dirname(f))
+                for f, c in zip(predictions.files, predictions.top_classes[:, 0]))
+  best = results['best']['eval']['test']
+  assert correct == round((1 - best['top1_error']) * 4)
+  assert json.loads((tmp_path / 'run' / 'results.json').read_text())['final_per_class']
