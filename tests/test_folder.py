@@ -205,3 +205,22 @@ def test_folder_normalization_statistics_are_the_training_pixels(photos, tmp_pat
   np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-9)
   np.testing.assert_allclose(std, pixels.std(0), rtol=1e-9)
   assert folder.normalization_statistics(builder) == (mean, std)  # the kept copy
+
+
+def test_max_side_stores_scaled_copies_in_their_format(photos, tmp_path):
+  root, expected = photos
+  _, _, builder = prepared(root, tmp_path / 'tfds', holdout_fraction=0.0, max_side=64)
+  for example in tfds.as_numpy(builder.as_dataset(
+      split='test', decoders={'image': tfds.decode.SkipDecoding()})):
+    assert example['image'][:3] == b'\xff\xd8\xff'  # a JPEG stays a JPEG
+    assert max(pp.decode_any(example['image']).shape[:2]) == 64
+  for example in tfds.as_numpy(builder.as_dataset(
+      split='train', decoders={'image': tfds.decode.SkipDecoding()})):
+    name = example['file_name'].decode()
+    height, width = expected[name].shape[:2]
+    image = pp.decode_any(example['image']).numpy()
+    if max(height, width) <= 64:
+      assert example['image'] == (root / name).read_bytes()
+    else:  # other formats become PNG; the aspect ratio is kept
+      assert example['image'][:4] == b'\x89PNG' and max(image.shape[:2]) == 64
+      assert abs(image.shape[0] / image.shape[1] - height / width) < 0.05

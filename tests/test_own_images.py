@@ -83,3 +83,13 @@ def test_predict_after_the_data_moved_agrees_with_the_test_accuracy(run, tmp_pat
   results = json.loads((workdir / 'results.json').read_text())
   best = results['best']['eval']['test']  # --mode=predict reads the best checkpoint
   assert correct == round((1 - best['top1_error']) * counts['test'])
+
+
+def test_imagenet_class_names_ship_in_label_order():
+  from densenet_jax import predict
+  import tensorflow_datasets as tfds
+  classes = predict.imagenet_classes()
+  assert classes[0] == ('n01440764', 'tench, Tinca tinca') and len(classes) == 1000
+  assert [wnid for wnid, _ in classes] == tfds.builder('imagenet2012').info.features[
+      'label'].names
+  assert all(name for _, name in classes)
