@@ -48,6 +48,9 @@ def folder_config():
   folder.holdout_seed = 0
   folder.max_side = 0  # > 0: images whose longest side exceeds it are stored scaled down
   folder.shuffle_buffer = 16_384  # examples; bounds host memory for large folders
+  # True: each training example's loss weighted by N / (classes * examples of its class), so
+  # every class weighs the same in an imbalanced folder (scikit-learn's 'balanced')
+  folder.class_weights = False
   return folder
 
 

@@ -108,6 +108,7 @@ def check_folder(dataset: str, folder: ml_collections.ConfigDict):
     if folder[field] not in allowed:
       _fail(f'folder.{field}', folder[field], f'allowed: {", ".join(allowed)}')
   _check_bool(folder, 'flip', prefix='folder.')
+  _check_bool(folder, 'class_weights', prefix='folder.')
   _check_int(folder, 'translate_pixels', minimum=0, prefix='folder.')
   _check_int(folder, 'max_side', minimum=0, prefix='folder.')
   _check_int(folder, 'holdout_seed', minimum=0, prefix='folder.')

@@ -115,6 +115,16 @@ def _checked_bytes(path: str, max_side: int) -> Optional[bytes]:
   return tf.io.encode_png(small).numpy()
 
 
+def balanced_class_weights(builder: UserImageFolder) -> np.ndarray:
+  """N / (classes * n_c) for each class c of the training split (0 for an absent class):
+  the mean weight over the training examples is 1."""
+  labels = np.concatenate([batch['label'] for batch in tfds.as_numpy(builder.as_dataset(
+      split='train', decoders={'image': tfds.decode.SkipDecoding()}).batch(65_536))])
+  num_classes = builder.info.features['label'].num_classes
+  counts = np.bincount(labels, minlength=num_classes)
+  return np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+
+
 def normalization_statistics(builder: UserImageFolder) -> tuple:
   """(mean, std) per channel on the 0..1 scale of the training split's decoded pixels, computed
   once and kept as normalization.json beside the prepared dataset."""

@@ -6,6 +6,8 @@ Batches are numpy dicts laid out for `jax.pmap` over the local devices:
          in the order of `preprocessing.ten_crop`; average the logits over axis 2)
   label  int32   [local_devices, per_device_batch]
   mask   float32 [local_devices, per_device_batch]  (evaluation only; 0 marks padding)
+  weight float32 [local_devices, per_device_batch]  (training on a folder with
+         config.folder.class_weights only: the loss weight of the example's class)
 
 Data. `digits` is prepared on first use (offline); the others must be prepared in the tfds
 data_dir beforehand: `python -m densenet_jax.input_pipeline NAME --data_dir DIR` (ImageNet also
@@ -85,6 +87,7 @@ class FolderOptions:
   holdout_seed: int
   max_side: int
   shuffle_buffer: int
+  class_weights: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +393,12 @@ def create_train_iterator(name: str, *, data_dir: Optional[str], topology: Topol
                                 reshuffle_each_iteration=False)
     return shuffled.take(steps_per_epoch * local_batch).map(
         lambda example: dict(example, epoch=epoch))
+
+  if folder_options is not None and folder_options.class_weights:
+    weights = tf.constant(folder.balanced_class_weights(builder), tf.float32)
+    unweighted = preprocess
+    preprocess = lambda example: dict(unweighted(example),
+                                      weight=tf.gather(weights, example['label']))
 
   start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
   ds = (tf.data.Dataset.counter(start_epoch).flat_map(epoch_examples)

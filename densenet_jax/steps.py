@@ -84,7 +84,8 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn: Callable,
   """One SGD step on this device's shard; gradients are averaged over `axis_name`.
 
   Dropout masks depend on (dropout_rng, step, device index) only, so a resumed run draws the
-  same masks as an uninterrupted one.
+  same masks as an uninterrupted one. A batch with a 'weight' per example (class weights)
+  minimizes the mean of weight * loss.
   """
   rng = jax.random.fold_in(state.dropout_rng, state.step)
   if axis_name is not None:
@@ -94,7 +95,10 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn: Callable,
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
         mutable=['batch_stats'], rngs={'dropout': rng})
-    return cross_entropy(logits, batch['label']).mean(), (logits, updates['batch_stats'])
+    losses = cross_entropy(logits, batch['label'])
+    if 'weight' in batch:
+      losses = losses * batch['weight']
+    return losses.mean(), (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = {'loss': loss, 'learning_rate': learning_rate_fn(state.step)}

@@ -224,3 +224,19 @@ def test_max_side_stores_scaled_copies_in_their_format(photos, tmp_path):
     else:  # other formats become PNG; the aspect ratio is kept
       assert example['image'][:4] == b'\x89PNG' and max(image.shape[:2]) == 64
       assert abs(image.shape[0] / image.shape[1] - height / width) < 0.05
+
+
+def test_class_weights_balance_the_classes(photos, tmp_path):
+  root, _ = photos
+  name, info, _ = prepared(root, tmp_path / 'tfds', holdout_fraction=0.0, image_size=16)
+  batch = next(input_pipeline.create_train_iterator(
+      name, data_dir=str(tmp_path / 'tfds'), topology=Topology(8), seed=0, image_size=16,
+      folder_options=options(holdout_fraction=0.0, class_weights=True)))
+  # 4 china and 5 flower images kept: weights 9 / (2 * 4) and 9 / (2 * 5)
+  np.testing.assert_allclose(batch['weight'], np.where(batch['label'] == 0, 9 / 8, 9 / 10),
+                             rtol=1e-6)
+  unweighted = next(input_pipeline.create_train_iterator(
+      name, data_dir=str(tmp_path / 'tfds'), topology=Topology(8), seed=0, image_size=16,
+      folder_options=options(holdout_fraction=0.0)))
+  assert 'weight' not in unweighted
+  np.testing.assert_array_equal(unweighted['image'], batch['image'])

@@ -134,3 +134,21 @@ def test_eval_step_confusion_matrix_counts_unmasked_examples_by_true_and_predict
     expected[true, guess] += 1
   np.testing.assert_array_equal(sums['confusion'], expected)
   assert float(sums['top1_error']) == 5 - np.trace(expected)
+
+
+def test_train_step_with_class_weights_minimizes_the_weighted_mean_loss():
+  model = models.DenseNet(block_sizes=(1,), growth_rate=4, num_classes=3)
+  state = steps.create_train_state(model, jax.random.key(0), (8, 8, 3),
+                                   steps.sgd_nesterov(0.1, 0.9, 0.0))
+  images = np.random.default_rng(2).normal(size=(4, 8, 8, 3)).astype(np.float32)
+  labels = np.array([0, 1, 2, 0], np.int32)
+  weight = np.array([0.5, 2.0, 1.0, 0.5], np.float32)
+  logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                             train=True, mutable=['batch_stats'])
+  losses = np.asarray(steps.cross_entropy(logits, labels))
+  _, metrics = steps.train_step(state, {'image': images, 'label': labels, 'weight': weight},
+                                learning_rate_fn=lambda step: 0.1, axis_name=None)
+  np.testing.assert_allclose(metrics['loss'], np.mean(weight * losses), rtol=1e-6)
+  _, plain = steps.train_step(state, {'image': images, 'label': labels},
+                              learning_rate_fn=lambda step: 0.1, axis_name=None)
+  np.testing.assert_allclose(plain['loss'], losses.mean(), rtol=1e-6)
