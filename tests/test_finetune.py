@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import finetune
-from densenet_jax import predict, train
+from densenet_jax import input_pipeline, predict, steps, train
 import tfds_fixtures
 from test_weights import keras_densenet121_weights, serve, server  # noqa: F401 (fixture)
 
@@ -58,4 +58,15 @@ def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch, fast
                 for f, c in zip(predictions.files, predictions.top_classes[:, 0]))
   best = results['best']['eval']['test']
   assert correct == round((1 - best['top1_error']) * 4)
+  # Each file's top-1 is the eval step's argmax for it: the eval pipeline's transform of the
+  # files, scored by the eval step against the predicted classes, has no error.
+  preprocess = input_pipeline.example_preprocessor(
+      config.dataset, train=False, image_size=config.image_size, data_dir=config.data_dir,
+      folder_options=train.data_options(config)['folder_options'])
+  images = np.stack([preprocess({'image': open(f, 'rb').read(), 'label': 0})['image'].numpy()
+                     for f in predictions.files])
+  state = train.state_for_evaluation(config, workdir, train.dataset_info_of(config))
+  sums = steps.eval_step(state, {'image': images, 'label': predictions.top_classes[:, 0],
+                                 'mask': np.ones(4, np.float32)}, axis_name=None)
+  assert float(sums['count']) == 4 and float(sums['top1_error']) == 0
   assert json.loads((tmp_path / 'run' / 'results.json').read_text())['final_per_class']
