@@ -112,7 +112,7 @@ def predict(config, workdir: Optional[str], paths: Sequence[str], top_k: int = 5
   info, transform = _data(config, workdir)
   state = train.state_for_evaluation(config, workdir, info)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  probabilities = jax.jit(lambda v, x: jax.nn.softmax(state.apply_fn(v, x, train=False)))
+  logits_fn = jax.jit(lambda v, x: state.apply_fn(v, x, train=False))
   files, images, unreadable = _load(image_files(paths), transform)
   k = min(top_k, info.num_classes)
   top_classes, top_probabilities = [], []
@@ -120,8 +120,10 @@ def predict(config, workdir: Optional[str], paths: Sequence[str], top_k: int = 5
     batch = np.stack(images[start:start + BATCH])
     padded = np.concatenate([batch, np.zeros((BATCH - len(batch), *batch.shape[1:]),
                                              batch.dtype)])
-    probs = np.asarray(probabilities(variables, padded))[:len(batch)]
-    order = np.argsort(-probs, axis=1, kind='stable')[:, :k]
+    logits = np.asarray(logits_fn(variables, padded))[:len(batch)]
+    probs = np.asarray(jax.nn.softmax(logits))
+    order = np.argsort(-logits, axis=1, kind='stable')[:, :k]  # logits: no ties where
+    # probabilities round to 0 or 1
     top_classes.append(order)
     top_probabilities.append(np.take_along_axis(probs, order, axis=1))
   empty = np.zeros((0, k))

@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import finetune
+from configs import finetune, imagenet_densenet121
 from densenet_jax import input_pipeline, predict, steps, train
+from densenet_jax import preprocessing as pp
 import tfds_fixtures
 from test_weights import keras_densenet121_weights, serve, server  # noqa: F401 (fixture)
 
@@ -70,3 +71,27 @@ def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch, fast
                                  'mask': np.ones(4, np.float32)}, axis_name=None)
   assert float(sums['count']) == 4 and float(sums['top1_error']) == 0
   assert json.loads((tmp_path / 'run' / 'results.json').read_text())['final_per_class']
+
+
+@pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
+def test_predict_with_published_imagenet_weights_names_keras_top_classes(
+    server, tmp_path, monkeypatch, fast_compile):
+  """--mode=predict without a run: config.init_from's 1000-class weights, ImageNet's class
+  names and eval transform; the top classes are the Keras model's own on the same input."""
+  body, keras_model = keras_densenet121_weights(tmp_path)
+  serve(server, monkeypatch, 'keras:densenet121', body)
+  monkeypatch.setenv('DENSENET_JAX_WEIGHTS_DIR', str(tmp_path / 'weights'))
+  photos = [tmp_path / f'{i}.jpg' for i in range(2)]
+  for path, photo in zip(photos, tfds_fixtures.sample_photos()):
+    path.write_bytes(tfds_fixtures.jpeg(photo))
+  (tmp_path / 'bad.jpg').write_bytes(b'no')
+  config = imagenet_densenet121.get_config()
+  config.init_from = 'keras:densenet121'
+  predictions = predict.predict(config, None, [str(p) for p in photos] +
+                                [str(tmp_path / 'bad.jpg')], top_k=3)
+  assert [f for f, _ in predictions.unreadable] == [str(tmp_path / 'bad.jpg')]
+  images = np.stack([pp.imagenet_eval(p.read_bytes()).numpy() for p in photos])
+  expected = np.argsort(-np.asarray(keras_model(images, training=False)), axis=1)[:, :3]
+  np.testing.assert_array_equal(predictions.top_classes, expected)
+  names = dict(predict.imagenet_classes())
+  assert predictions.class_names[expected[0, 0]] == list(names.values())[expected[0, 0]]
