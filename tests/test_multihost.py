@@ -51,10 +51,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_pair(workdir, data_dir, sigterm_process_1_at=None):
+def run_pair(workdir, data_dir, sigterm_process_1_at=None, args=ARGS):
   """[(exit status, log)] of the two processes of one run."""
   port = free_port()
-  procs = [main_runs.start([*ARGS, f'--config.data_dir={data_dir}', f'--workdir={workdir}',
+  procs = [main_runs.start([*args, f'--config.data_dir={data_dir}', f'--workdir={workdir}',
                             f'--coordinator_address=localhost:{port}', '--num_processes=2',
                             f'--process_id={i}'], num_devices=2) for i in range(2)]
   finish = functools.partial(main_runs.finish, timeout=300)

@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
+import test_multihost
 import test_train
 import tfds_fixtures
 
@@ -93,3 +94,21 @@ def test_imagenet_class_names_ship_in_label_order():
   assert [wnid for wnid, _ in classes] == tfds.builder('imagenet2012').info.features[
       'label'].names
   assert all(name for _, name in classes)
+
+
+def test_two_processes_prepare_once_and_train_on_a_folder(tmp_path):
+  """Process 0 prepares the folder while process 1 waits; both then read their shards."""
+  counts = tfds_fixtures.digits_folder(tmp_path / 'digits')
+  workdir = tmp_path / 'run'
+  (status0, log0), (status1, log1) = test_multihost.run_pair(
+      workdir, str(tmp_path / 'tfds'), args=[
+          '--config=configs/digits.py', f'--config.dataset=folder:{tmp_path / "digits"}',
+          '--config.model.depth=10', '--config.model.growth_rate=4', '--config.image_size=8',
+          '--config.folder.translate_pixels=1', '--config.num_epochs=1',
+          '--config.lr_decay_epochs=(0.5,)'])
+  assert status0 == status1 == 0, (log0[-3000:], log1[-3000:])
+  assert 'prepared to' in log0 and 'prepared to' not in log1
+  assert 'skipped 3 of' in log0 and 'skipped' not in log1
+  results = json.loads((workdir / 'results.json').read_text())
+  assert results['final']['eval']['test']['count'] == counts['test']
+  assert results['final']['step'] == counts['train'] // 64
