@@ -9,8 +9,8 @@ Batches are numpy dicts laid out for `jax.pmap` over the local devices:
   weight float32 [local_devices, per_device_batch]  (training on a folder with
          config.folder.class_weights only: the loss weight of the example's class)
 
-Data. `digits` is prepared on first use (offline); the others must be prepared in the tfds
-data_dir beforehand: `python -m densenet_jax.input_pipeline NAME --data_dir DIR` (ImageNet also
+Data. `digits` and image folders (`folder:PATH`, densenet_jax/folder.py) are prepared on first
+use (offline); the others must be prepared in the tfds data_dir beforehand: `python -m densenet_jax.input_pipeline NAME --data_dir DIR` (ImageNet also
 needs its two tar files, see `_not_prepared_message`). TensorFlow never sees the GPUs (see
 `preprocessing`).
 
