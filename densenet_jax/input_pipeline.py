@@ -10,8 +10,9 @@ Batches are numpy dicts laid out for `jax.pmap` over the local devices:
          config.folder.class_weights only: the loss weight of the example's class)
 
 Data. `digits` and image folders (`folder:PATH`, densenet_jax/folder.py) are prepared on first
-use (offline); the others must be prepared in the tfds data_dir beforehand: `python -m densenet_jax.input_pipeline NAME --data_dir DIR` (ImageNet also
-needs its two tar files, see `_not_prepared_message`). TensorFlow never sees the GPUs (see
+use (offline); the others must be prepared in the tfds data_dir beforehand:
+`python -m densenet_jax.input_pipeline NAME --data_dir DIR` (ImageNet also needs its two tar
+files, see `_not_prepared_message`). TensorFlow never sees the GPUs (see
 `preprocessing`).
 
 Which examples. A split used here is a sequence of tfds slices (SVHN's training set is `train`
