@@ -109,24 +109,31 @@ def _load(files: list, transform) -> tuple:
 
 
 def predict(config, workdir: Optional[str], paths: Sequence[str], top_k: int = 5) -> Predictions:
+  """Top-k classes of every image file under `paths`, decoded and scored BATCH files at a
+  time (host memory stays that of one batch however many files there are)."""
   info, transform = _data(config, workdir)
   state = train.state_for_evaluation(config, workdir, info)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   logits_fn = jax.jit(lambda v, x: state.apply_fn(v, x, train=False))
-  files, images, unreadable = _load(image_files(paths), transform)
+  files = image_files(paths)
   k = min(top_k, info.num_classes)
-  top_classes, top_probabilities = [], []
-  for start in tqdm.trange(0, len(images), BATCH, desc='predict', disable=len(images) <= BATCH):
-    batch = np.stack(images[start:start + BATCH])
+  kept, unreadable, top_classes, top_probabilities = [], [], [], []
+  for start in tqdm.trange(0, len(files), BATCH, desc='predict', disable=len(files) <= BATCH):
+    names, images, bad = _load(files[start:start + BATCH], transform)
+    kept += names
+    unreadable += bad
+    if not images:
+      continue
+    batch = np.stack(images)
     padded = np.concatenate([batch, np.zeros((BATCH - len(batch), *batch.shape[1:]),
                                              batch.dtype)])
     logits = np.asarray(logits_fn(variables, padded))[:len(batch)]
-    probs = np.asarray(jax.nn.softmax(logits))
-    order = np.argsort(-logits, axis=1, kind='stable')[:, :k]  # logits: no ties where
-    # probabilities round to 0 or 1
+    # Ranked by logits: probabilities that round to 0 or 1 would tie.
+    order = np.argsort(-logits, axis=1, kind='stable')[:, :k]
     top_classes.append(order)
-    top_probabilities.append(np.take_along_axis(probs, order, axis=1))
-  empty = np.zeros((0, k))
-  return Predictions(files, np.concatenate(top_classes) if files else empty.astype(int),
-                     np.concatenate(top_probabilities) if files else empty,
+    top_probabilities.append(np.take_along_axis(np.asarray(jax.nn.softmax(logits)), order, 1))
+  if not kept:
+    return Predictions([], np.zeros((0, k), int), np.zeros((0, k)), list(info.class_names),
+                       unreadable)
+  return Predictions(kept, np.concatenate(top_classes), np.concatenate(top_probabilities),
                      list(info.class_names), unreadable)
