@@ -23,3 +23,18 @@ FOLDER_EVAL_TRANSFORMS = ('resize_center_crop', 'resize')
 # the training split; unit: pixels / 255 only.
 FOLDER_NORMALIZATIONS = ('imagenet', 'folder', 'unit')
 FOLDER_IMAGE_SIZE = 224  # the input size when config.image_size is not set
+
+# How each dataset's uint8 pixels become the model's input: (scale, mean, std) per channel,
+# x = (pixels / scale - mean) / std. CIFAR's statistics are on the 0..255 scale, ImageNet's on
+# 0..1 (fb.resnet.torch); digits' pixels are 0..16 and go to [0, 1], SVHN's to [0, 1].
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZATION = {
+    'digits': (16.0, (0.0,), (1.0,)),
+    'cifar10': (1.0, (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
+    'cifar100': (1.0, (129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
+    'svhn_cropped': (255.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    'imagenet2012': (255.0, IMAGENET_MEAN, IMAGENET_STD),
+}
+# The paper's random shifts: zero padding in the normalized image (CIFAR: the mean pixel).
+CIFAR_PAD = 4
+DIGITS_PAD = 1

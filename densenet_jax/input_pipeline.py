@@ -1,13 +1,20 @@
 """tf.data input pipelines over tensorflow-datasets for the paper's datasets.
 
 Batches are numpy dicts laid out for `jax.pmap` over the local devices:
-  image  float32 [local_devices, per_device_batch, H, W, C]
+  image  uint8   [local_devices, per_device_batch, H, W, C], pixels as stored (digits 0..16)
          (ImageNet 10-crop evaluation: [local_devices, per_device_batch, 10, H, W, C], the crops
          in the order of `preprocessing.ten_crop`; average the logits over axis 2)
   label  int32   [local_devices, per_device_batch]
+  epoch, index  int32 [local_devices, per_device_batch]  (training only: what the device draws
+         each example's augmentation from)
   mask   float32 [local_devices, per_device_batch]  (evaluation only; 0 marks padding)
   weight float32 [local_devices, per_device_batch]  (training on a folder with
          config.folder.class_weights only: the loss weight of the example's class)
+
+The device turns the uint8 images into the model's input with `device_transform(info, ...)`
+(densenet_jax/augment.py): normalization with the dataset's statistics (DatasetInfo), and for
+training the random shift and flip (CIFAR, digits, folders) or the color jitter, lighting and
+flip (ImageNet). The host decodes, and for ImageNet crops and resizes (`preprocessing`).
 
 Data. `digits` and image folders (`folder:PATH`, densenet_jax/folder.py) are prepared on first
 use (offline); the others must be prepared in the tfds data_dir beforehand:
@@ -25,7 +32,8 @@ training set; each process reads only the tfds slice that holds its share.
 
 Determinism. The order of an epoch is a shuffle seeded by (seed, epoch) of the process's share
 (the whole share, except ImageNet: a buffer of IMAGENET_SHUFFLE_BUFFER examples), and every
-random augmentation takes the stateless key (seed, epoch, example index). Each epoch keeps its
+random augmentation is drawn from (seed, epoch, example index): the host's ImageNet crop from
+a stateless TF key, the device's draws from a JAX key. Each epoch keeps its
 first num_train // global_batch_size batches. A run started at `start_step` skips the examples
 of the earlier steps of its epoch before decoding them, so it yields the batches an
 uninterrupted run yields (resuming mid-epoch reads, without decoding, the skipped examples).
@@ -49,12 +57,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from densenet_jax import config_validation, digits, folder, folder_listing
+from densenet_jax.augment import DeviceTransform
 from densenet_jax import preprocessing as pp
-from densenet_jax.datasets import DATASETS, FOLDER_IMAGE_SIZE
+from densenet_jax.datasets import (CIFAR_PAD, DATASETS, DIGITS_PAD, FOLDER_IMAGE_SIZE,
+                                   IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION, NOT_AUGMENTED)
 from densenet_jax.devices import Topology
 
-CIFAR_STATS = {'cifar10': (pp.CIFAR10_MEAN, pp.CIFAR10_STD),
-               'cifar100': (pp.CIFAR100_MEAN, pp.CIFAR100_STD)}
 CIFAR_HOLDOUT = 5000
 SVHN_HOLDOUT_PER_CLASS = {'train': 400, 'extra': 200}
 HOLDOUT_SEED = 0
@@ -73,6 +81,7 @@ class DatasetInfo:
   num_eval: dict  # eval split name -> number of examples
   eval_splits: tuple
   class_names: tuple  # label -> name (tfds's ClassLabel names; a folder's class folders)
+  normalization: tuple  # (scale, mean, std): the model sees (pixels / scale - mean) / std
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +214,7 @@ def dataset_info(name: str, data_dir: Optional[str], *, holdout_validation: bool
       num_train=_subset(builder, name, 'train', holdout_validation).size,
       num_eval={s: _subset(builder, name, s, holdout_validation).size for s in eval_splits},
       eval_splits=eval_splits,
+      normalization=_normalization(name, data_dir, folder_options),
   )
 
 
@@ -278,68 +288,87 @@ def _epoch_seed(seed, epoch):
   return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
 
 
-def folder_transform(name: str, data_dir: Optional[str], options: FolderOptions,
-                     image_size: Optional[int]) -> dict:
-  """The keyword arguments of preprocessing.folder_eval (and, with the augmentation fields,
-  folder_train) for a folder dataset: its input size and normalization statistics."""
+def _normalization(name: str, data_dir: Optional[str],
+                   options: Optional[FolderOptions]) -> tuple:
+  """DatasetInfo.normalization: the dataset's table entry; a folder's from config.folder."""
+  if not folder_listing.is_folder(name):
+    return NORMALIZATION[name]
   if options.normalization == 'imagenet':
-    mean, std = pp.IMAGENET_MEAN, pp.IMAGENET_STD
-  elif options.normalization == 'folder':
-    mean, std = folder.normalization_statistics(_builder(name, data_dir, options))
-  else:
-    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return 255.0, IMAGENET_MEAN, IMAGENET_STD
+  if options.normalization == 'folder':
+    return (255.0, *folder.normalization_statistics(_builder(name, data_dir, options)))
+  return 255.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+
+def folder_transform(options: FolderOptions, image_size: Optional[int]) -> dict:
+  """The keyword arguments of preprocessing.folder_eval (and, with the augmentation, of
+  folder_train) for a folder dataset."""
   return dict(size=image_size or FOLDER_IMAGE_SIZE, transform=options.eval_transform,
-              crop_ratio=options.center_crop_ratio, mean=mean, std=std)
+              crop_ratio=options.center_crop_ratio)
+
+
+def device_transform(info: DatasetInfo, *, train: bool, seed: int = 0, augment: bool = True,
+                     folder_options: Optional[FolderOptions] = None) -> DeviceTransform:
+  """What the device does to this dataset's uint8 batches (training: with `augment`, the
+  paper's augmentation) before the model sees them."""
+  scale, mean, std = info.normalization
+  transform = DeviceTransform(scale=scale, mean=tuple(mean), std=tuple(std), seed=seed)
+  if info.name == 'digits' and info.image_shape != IMAGE_SHAPES['digits']:
+    transform = dataclasses.replace(transform, resize=info.image_shape[0])
+  if not (train and augment) or info.name in NOT_AUGMENTED:
+    return transform
+  if info.name in ('cifar10', 'cifar100'):
+    return dataclasses.replace(transform, translate=CIFAR_PAD, fill=tuple(mean), flip=True)
+  if info.name == 'digits':
+    return dataclasses.replace(transform, translate=DIGITS_PAD)
+  if info.name == 'imagenet2012':
+    return dataclasses.replace(transform, photometric=True, flip=True)
+  return dataclasses.replace(  # a folder
+      transform, flip=folder_options.flip, photometric=folder_options.augmentation == 'imagenet',
+      translate=folder_options.translate_pixels * (folder_options.augmentation == 'translate'))
 
 
 def example_preprocessor(name: str, *, train: bool, seed: int = 0, augment: bool = True,
                          ten_crop: bool = False, eval_resize: str = 'bicubic',
                          image_size: Optional[int] = None,
-                         folder_options: Optional[FolderOptions] = None,
-                         data_dir: Optional[str] = None):
-  """fn(example) -> dict(image, label) for one example of `_read` (training: plus `epoch`).
+                         folder_options: Optional[FolderOptions] = None):
+  """fn(example) -> dict(image, label) for one example of `_read`, image uint8 (training: plus
+  the example's `epoch` and `index`, which the device draws its augmentation from).
 
-  digits: pixels / 16 (range [0, 1]), optional shifts, optional bilinear upscaling to
-  image_size; cifar: per-channel standardization, '+' augmentation; svhn_cropped: pixels / 255;
-  imagenet2012: fb.resnet.torch's training transform, or the evaluation resize + center crop;
-  folders: config.folder's transforms (preprocessing.folder_train / folder_eval).
+  digits, cifar, svhn_cropped: the decoded image; imagenet2012: fb.resnet.torch's random-sized
+  crop at 224, or the evaluation resize + center crop (or 10 crops); folders: config.folder's
+  crop or eval view (preprocessing.folder_train / folder_eval). The rest is `device_transform`'s.
   """
   augment = train and augment
   config_validation.check_dataset_options(name, augment=augment, image_size=image_size,
                                           ten_crop=ten_crop, eval_resize=eval_resize)
-  shape = IMAGE_SHAPES.get(name)
   if folder_listing.is_folder(name):
-    transform = folder_transform(name, data_dir, folder_options, image_size)
+    transform = folder_transform(folder_options, image_size)
 
-  def preprocess(example):
+  def image(example):
+    encoded = example['image']
     key = None
     if augment:
       key = tf.stack([_epoch_seed(seed, example['epoch']), example['index']])
     if folder_listing.is_folder(name):
-      if not augment:
-        return {'image': pp.folder_eval(example['image'], **transform), 'label': example['label']}
-      image = pp.folder_train(example['image'], key, **transform,
-                              augmentation=folder_options.augmentation,
-                              translate_pixels=folder_options.translate_pixels,
-                              flip=folder_options.flip)
-      return {'image': image, 'label': example['label']}
+      if augment:
+        return pp.folder_train(encoded, key, **transform,
+                               augmentation=folder_options.augmentation)
+      return pp.folder_eval(encoded, **transform)
     if name == 'imagenet2012':
       if augment:
-        image = pp.imagenet_train(example['image'], key)
-      else:
-        image = pp.imagenet_eval(example['image'], eval_resize, ten_crop)
-      return {'image': image, 'label': example['label']}
-    image = tf.io.decode_image(example['image'], channels=shape[2], expand_animations=False)
-    image = tf.ensure_shape(image, shape)
-    if name in CIFAR_STATS:
-      image = pp.standardize(image, *CIFAR_STATS[name])
-    else:
-      image = tf.cast(image, tf.float32) / (16 if name == 'digits' else 255)
-    if augment:
-      image = (pp.cifar_augment if name in CIFAR_STATS else pp.digits_augment)(image, key)
-    if image_size is not None:
-      image = tf.image.resize(image, [image_size, image_size], 'bilinear')
-    return {'image': image, 'label': example['label']}
+        return pp.imagenet_train(encoded, key)
+      return pp.imagenet_eval(encoded, eval_resize, ten_crop)
+    shape = IMAGE_SHAPES[name]
+    return tf.ensure_shape(
+        tf.io.decode_image(encoded, channels=shape[2], expand_animations=False), shape)
+
+  def preprocess(example):
+    out = {'image': image(example), 'label': example['label']}
+    if train:
+      out.update(epoch=tf.cast(example['epoch'], tf.int32),
+                 index=tf.cast(example['index'], tf.int32))
+    return out
 
   return preprocess
 
@@ -370,8 +399,7 @@ def create_train_iterator(name: str, *, data_dir: Optional[str], topology: Topol
   info = dataset_info(name, data_dir, holdout_validation=holdout_validation,
                       image_size=image_size, folder_options=folder_options)
   preprocess = example_preprocessor(name, train=True, seed=seed, augment=augment,
-                                    image_size=image_size, folder_options=folder_options,
-                                    data_dir=data_dir)
+                                    image_size=image_size, folder_options=folder_options)
   steps_per_epoch = topology.steps_per_epoch(info.num_train)
   local_batch = topology.local_batch_size
   if start_step < 0:
@@ -427,7 +455,7 @@ def create_eval_iterator(name: str, split: str, *, data_dir: Optional[str], topo
     raise ValueError(f'split {split!r} is not an eval split of {name}: {info.eval_splits}')
   preprocess = example_preprocessor(name, train=False, ten_crop=ten_crop,
                                     eval_resize=eval_resize, image_size=image_size,
-                                    folder_options=folder_options, data_dir=data_dir)
+                                    folder_options=folder_options)
   local_batch = topology.local_batch_size
   builder = _builder(name, data_dir, folder_options)
   shard = _shard(builder, _subset(builder, name, split, holdout_validation),

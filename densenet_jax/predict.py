@@ -17,8 +17,9 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from densenet_jax import folder_listing, input_pipeline, train
+from densenet_jax import folder_listing, input_pipeline, steps, train
 from densenet_jax import preprocessing as pp
+from densenet_jax.datasets import NORMALIZATION
 
 IMAGENET_CLASSES = os.path.join(os.path.dirname(__file__), 'data', 'imagenet_classes.tsv')
 BATCH = 32  # images per forward pass (the last one padded: one compile)
@@ -74,23 +75,31 @@ class Predictions:
 
 
 def _data(config, workdir: Optional[str]):
-  """(DatasetInfo for the model, fn(encoded bytes) -> eval image)."""
+  """(DatasetInfo for the model, fn(encoded bytes) -> uint8 eval image, the device's
+  transform of those images)."""
   record = train.read_classes(workdir) if workdir else None
   if record is not None:
     names, shape = record['class_names'], tuple(record['image_shape'])
+    normalization = record.get('normalization') or NORMALIZATION.get(config.dataset)
   elif config.dataset == 'imagenet2012':
     names, shape = [n for _, n in imagenet_classes()], (pp.CROP_SIZE, pp.CROP_SIZE, 3)
+    normalization = NORMALIZATION['imagenet2012']
   else:
     info = train.dataset_info_of(config)
-    names, shape = list(info.class_names), info.image_shape
-  info = input_pipeline.DatasetInfo(config.dataset, len(names), shape, 0, {}, (), tuple(names))
-  if record is not None and 'folder_transform' in record:
-    transform = record['folder_transform']
-    return info, lambda encoded: pp.folder_eval(encoded, **transform)
+    names, shape, normalization = list(info.class_names), info.image_shape, info.normalization
+  host_transform = record.get('folder_transform') if record is not None else None
+  if host_transform is not None and 'mean' in host_transform:  # a run of an earlier version
+    normalization = (255.0, host_transform.pop('mean'), host_transform.pop('std'))
+  info = input_pipeline.DatasetInfo(config.dataset, len(names), shape, 0, {}, (), tuple(names),
+                                    tuple(normalization))
+  device_transform = input_pipeline.device_transform(info, train=False)
+  if host_transform is not None:
+    return info, lambda encoded: pp.folder_eval(encoded, **host_transform), device_transform
   preprocess = input_pipeline.example_preprocessor(
       config.dataset, train=False, eval_resize=config.eval_resize, image_size=config.image_size,
-      folder_options=train.data_options(config)['folder_options'], data_dir=config.data_dir)
-  return info, lambda encoded: preprocess({'image': encoded, 'label': 0})['image']
+      folder_options=train.data_options(config)['folder_options'])
+  return (info, lambda encoded: preprocess({'image': encoded, 'label': 0})['image'],
+          device_transform)
 
 
 def _load(files: list, transform) -> tuple:
@@ -111,10 +120,11 @@ def _load(files: list, transform) -> tuple:
 def predict(config, workdir: Optional[str], paths: Sequence[str], top_k: int = 5) -> Predictions:
   """Top-k classes of every image file under `paths`, decoded and scored BATCH files at a
   time (host memory stays that of one batch however many files there are)."""
-  info, transform = _data(config, workdir)
+  info, transform, device_transform = _data(config, workdir)
   state = train.state_for_evaluation(config, workdir, info)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits_fn = jax.jit(lambda v, x: state.apply_fn(v, x, train=False))
+  logits_fn = jax.jit(lambda v, x: state.apply_fn(
+      v, steps.model_input(device_transform, {'image': x}), train=False))
   files = image_files(paths)
   k = min(top_k, info.num_classes)
   kept, unreadable, top_classes, top_probabilities = [], [], [], []

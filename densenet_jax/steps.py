@@ -1,7 +1,10 @@
 """The optimizer, the learning-rate schedule, the train state and the per-device train/eval steps.
 
 Pure JAX/Flax/optax: no TensorFlow, data or checkpoint code, so the benchmark and a GPU machine
-without TensorFlow can import it. `train.py` pmaps these steps over all local devices.
+without TensorFlow can import it. `train.py` pmaps these steps over all local devices. The steps
+take the input pipeline's uint8 batches and make the model's input with an
+`augment.DeviceTransform` (normalization, and for training the augmentation); without one the
+batch's images are the model's input as they are.
 """
 
 from typing import Any, Callable, Optional, Sequence
@@ -11,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
+
+from densenet_jax import augment
 
 AXIS_NAME = 'batch'  # the pmap axis: BN statistics and gradients are averaged over it
 
@@ -79,8 +84,16 @@ def per_example_errors(logits: jax.Array, labels: jax.Array, top5: bool) -> dict
   return errors
 
 
+def model_input(transform: Optional[augment.DeviceTransform], batch: dict) -> jax.Array:
+  """The batch's images as the model's input (`transform` of the uint8 images, or as they are)."""
+  if transform is None:
+    return batch['image']
+  return augment.apply(transform, batch['image'], batch.get('epoch'), batch.get('index'))
+
+
 def train_step(state: TrainState, batch: dict, *, learning_rate_fn: Callable,
-               top5: bool = False, axis_name: Optional[str] = AXIS_NAME):
+               transform: Optional[augment.DeviceTransform] = None, top5: bool = False,
+               axis_name: Optional[str] = AXIS_NAME):
   """One SGD step on this device's shard; gradients are averaged over `axis_name`.
 
   Dropout masks depend on (dropout_rng, step, device index) only, so a resumed run draws the
@@ -90,10 +103,11 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn: Callable,
   rng = jax.random.fold_in(state.dropout_rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  images = model_input(transform, batch)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         mutable=['batch_stats'], rngs={'dropout': rng})
     losses = cross_entropy(logits, batch['label'])
     if 'weight' in batch:
@@ -113,8 +127,9 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn: Callable,
   return state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, top5: bool = False, confusion: bool = False,
-              axis_name: Optional[str] = AXIS_NAME) -> dict:
+def eval_step(state: TrainState, batch: dict, *,
+              transform: Optional[augment.DeviceTransform] = None, top5: bool = False,
+              confusion: bool = False, axis_name: Optional[str] = AXIS_NAME) -> dict:
   """Sums of loss and errors over the examples whose mask is 1 (padding has mask 0); with
   `confusion`, also the confusion matrix counts [true class, predicted class].
 
@@ -122,7 +137,7 @@ def eval_step(state: TrainState, batch: dict, *, top5: bool = False, confusion: 
   logits.
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  images = batch['image']
+  images = model_input(transform, batch)
   if images.ndim == 5:
     crops = images.shape[1]
     logits = state.apply_fn(variables, images.reshape(-1, *images.shape[2:]), train=False)

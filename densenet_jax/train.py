@@ -70,7 +70,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   p_state = devices.replicate(state)
   del state
   first_batch = next(train_batches)
-  p_train_step = _compile_train_step(learning_rate_fn, info, p_state, first_batch)
+  transform = input_pipeline.device_transform(
+      info, train=True, seed=config.seed, augment=config.augment,
+      folder_options=data_options(config)['folder_options'])
+  p_train_step = _compile_train_step(learning_rate_fn, info, transform, p_state, first_batch)
   train_batches = itertools.chain([first_batch], train_batches)
   log = _TrainLog(writer, config.batch_size, steps_per_epoch, total_steps)
   logging.info('%s: %s parameters, %d steps of %d images (%d per epoch), %d devices.',
@@ -126,14 +129,13 @@ def read_classes(workdir: str) -> Optional[dict]:
 
 
 def _write_classes(config, workdir: str, info: input_pipeline.DatasetInfo):
-  """workdir/classes.json: the class names, input shape and (folders) the eval transform, so
-  that --mode=predict works after the data has moved."""
+  """workdir/classes.json: the class names, input shape, normalization and (folders) the eval
+  transform, so that --mode=predict works after the data has moved."""
   record = {'dataset': config.dataset, 'class_names': list(info.class_names),
-            'image_shape': list(info.image_shape)}
+            'image_shape': list(info.image_shape), 'normalization': list(info.normalization)}
   if folder_listing.is_folder(config.dataset):
     record['folder_transform'] = input_pipeline.folder_transform(
-        config.dataset, config.data_dir, data_options(config)['folder_options'],
-        config.image_size)
+        data_options(config)['folder_options'], config.image_size)
   if jax.process_index() == 0:
     partial = epath.Path(workdir) / f'.{CLASSES_FILE}.partial'
     partial.write_text(json.dumps(record, indent=1))
@@ -238,7 +240,7 @@ def _restore_for_evaluation(config, workdir: Optional[str], state):
   return state
 
 
-def _compile_train_step(learning_rate_fn, info, p_state, batch) -> Callable:
+def _compile_train_step(learning_rate_fn, info, transform, p_state, batch) -> Callable:
   """The pmapped train step, compiled for these arguments with the platform's XLA options
   (steps.compiler_options).
 
@@ -248,7 +250,7 @@ def _compile_train_step(learning_rate_fn, info, p_state, batch) -> Callable:
   """
   p_train_step = jax.pmap(
       functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
-                        top5=_reports_top5(info)),
+                        transform=transform, top5=_reports_top5(info)),
       axis_name=steps.AXIS_NAME, donate_argnums=(0,))
   options = steps.compiler_options(jax.default_backend())
   if not options or jax.process_count() > 1:
@@ -312,7 +314,10 @@ class Evaluator:
     self.class_names = list(info.class_names)
     self.confusion = info.num_classes <= PER_CLASS_MAX_CLASSES
     self.per_class = None
-    self.p_eval_step = jax.pmap(functools.partial(steps.eval_step, top5=_reports_top5(info),
+    transform = input_pipeline.device_transform(
+        info, train=False, folder_options=data_options(config)['folder_options'])
+    self.p_eval_step = jax.pmap(functools.partial(steps.eval_step, transform=transform,
+                                                  top5=_reports_top5(info),
                                                   confusion=self.confusion),
                                 axis_name=steps.AXIS_NAME)
     topology = devices.Topology.of_this_process(config.eval_batch_size)
