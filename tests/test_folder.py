@@ -11,7 +11,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from configs import common
-from densenet_jax import config_validation, folder, folder_listing, input_pipeline
+from densenet_jax import augment, config_validation, folder, folder_listing, input_pipeline
 from densenet_jax import preprocessing as pp
 from densenet_jax.devices import Topology
 import tfds_fixtures
@@ -159,34 +159,50 @@ def test_holdout_split_and_batches_cover_every_example_once(photos, tmp_path):
   assert next(iter(batches))['image'].shape == (1, 4, 32, 32, 3)
 
 
+def folder_info(normalization, size):
+  return input_pipeline.DatasetInfo('folder:/photos', 2, (size, size, 3), 1, {}, (), ('a', 'b'),
+                                    normalization)
+
+
 def test_eval_transforms_and_normalizations_by_hand():
   image = np.zeros((40, 80, 3), np.uint8)
   image[:, 20:60] = 200  # a bright center square of 40x40, dark sides
   encoded = encode(image, 'PNG')
   # resize_center_crop at 32 with ratio 0.8: shorter side 40 -> 40 (no scaling), center 32x32
-  # crop of the bright square; normalized by mean 0.5, std 0.25.
-  crop = pp.folder_eval(encoded, 32, 'resize_center_crop', 0.8, (0.5,) * 3, (0.25,) * 3).numpy()
-  np.testing.assert_allclose(crop, (200 / 255 - 0.5) / 0.25, rtol=1e-6)
+  # crop of the bright square; the device normalizes it by mean 0.5, std 0.25.
+  crop = pp.folder_eval(encoded, 32, 'resize_center_crop', 0.8).numpy()
+  assert crop.dtype == np.uint8
+  np.testing.assert_array_equal(crop, 200)
+  transform = input_pipeline.device_transform(
+      folder_info((255.0, (0.5,) * 3, (0.25,) * 3), 32), train=False)
+  np.testing.assert_allclose(augment.apply(transform, crop[None]), (200 / 255 - 0.5) / 0.25,
+                             rtol=1e-6)
   # resize: the whole image squashed to 32x32 keeps its left and right dark quarters.
-  whole = pp.folder_eval(encoded, 32, 'resize', 1.0, (0.0,) * 3, (1.0,) * 3).numpy()
-  np.testing.assert_allclose(whole[:, 12:20], 200 / 255, rtol=1e-6)
-  np.testing.assert_allclose(whole[:, :6], 0, atol=1e-6)
+  whole = pp.folder_eval(encoded, 32, 'resize', 1.0).numpy()
+  np.testing.assert_array_equal(whole[:, 12:20], 200)
+  np.testing.assert_array_equal(whole[:, :6], 0)
 
 
 def test_translation_shifts_the_eval_view_and_flips_only_when_asked():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
   encoded = encode(image, 'PNG')
-  view = pp.folder_eval(encoded, 24, 'resize', 1.0, (0.0,) * 3, (1.0,) * 3).numpy()
-  padded = np.pad(view, ((2, 2), (2, 2), (0, 0)))
+  view = pp.folder_eval(encoded, 24, 'resize', 1.0).numpy()
+  padded = np.pad(view / 255, ((2, 2), (2, 2), (0, 0)))  # black padding
   windows = {(y, x): padded[y:y + 24, x:x + 24] for y in range(5) for x in range(5)}
+  info = folder_info((255.0, (0.0,) * 3, (1.0,) * 3), 24)
   seen, mirrored = set(), 0
-  for i in range(200):
-    for flip in (False, True):
-      out = pp.folder_train(encoded, np.array([i, 7]), 24, 'resize', 1.0, (0.0,) * 3,
-                            (1.0,) * 3, 'translate', 2, flip).numpy()
-      match = [k for k, w in windows.items() if np.array_equal(out, w)]
-      flipped = [k for k, w in windows.items() if np.array_equal(out, w[:, ::-1])]
+  for flip in (False, True):
+    host = pp.folder_train(encoded, np.array([0, 7]), 24, 'resize', 1.0, 'translate').numpy()
+    np.testing.assert_array_equal(host, view)  # the shift and the flip are the device's
+    transform = input_pipeline.device_transform(
+        info, train=True, seed=3, folder_options=options(augmentation='translate',
+                                                         translate_pixels=2, flip=flip))
+    outs = np.asarray(augment.apply(transform, np.stack([view] * 200), np.zeros(200, np.int32),
+                                    np.arange(200, dtype=np.int32)))
+    for out in outs:
+      match = [k for k, w in windows.items() if np.allclose(out, w, atol=1e-6)]
+      flipped = [k for k, w in windows.items() if np.allclose(out, w[:, ::-1], atol=1e-6)]
       assert len(match + flipped) == 1
       if flip:
         mirrored += bool(flipped)

@@ -14,7 +14,7 @@ from sklearn import datasets
 import tensorflow_datasets as tfds
 
 from densenet_jax import input_pipeline as ip
-from densenet_jax import devices
+from densenet_jax import augment, devices
 from densenet_jax.devices import Topology
 import tfds_fixtures
 
@@ -23,8 +23,7 @@ SVHN_TRAIN, SVHN_EXTRA, SVHN_TEST = np.arange(60), np.arange(100, 140), np.arang
 LOCAL_DEVICES = jax.local_device_count()  # 8 (conftest.py)
 SMALL_HOLDOUTS = {'CIFAR_HOLDOUT': 16, 'SVHN_HOLDOUT_PER_CLASS': {'train': 2, 'extra': 1}}
 # The per-channel (mean, std) on the 0..255 scale of docs/reference.md.
-CIFAR_STATS = {'cifar10': ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
-               'cifar100': ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4))}
+CIFAR10_STATS = ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7))
 
 
 @pytest.fixture(scope='module')
@@ -47,15 +46,10 @@ def small_holdouts(monkeypatch):
     monkeypatch.setattr(ip, name, value)
 
 
-def ids(batch, name='cifar10'):
-  """Example ids of a batch, flattened over devices (CIFAR: un-standardized, SVHN: * 255)."""
-  images = batch['image'].reshape((-1,) + batch['image'].shape[2:])
-  if name in CIFAR_STATS:
-    mean, std = CIFAR_STATS[name]
-    images = images * np.array(std) + np.array(mean)
-  else:
-    images = images * 255
-  return tfds_fixtures.decode_ids(images)
+def ids(batch):
+  """Example ids of a batch of uint8 images, flattened over devices."""
+  assert batch['image'].dtype == np.uint8
+  return tfds_fixtures.decode_ids(batch['image'].reshape((-1,) + batch['image'].shape[2:]))
 
 
 def on_local_devices(global_batch_size):
@@ -81,7 +75,7 @@ def eval_ids(name, split, process_count, global_batch_size, local_device_count=L
       mask = batch['mask'].reshape(-1)
       assert set(np.unique(mask)) <= {0.0, 1.0}
       assert (batch['image'].reshape(len(mask), -1)[mask == 0] == 0).all()
-      seen.append(ids(batch, name)[mask == 1])
+      seen.append(ids(batch)[mask == 1])
   return np.concatenate(seen), steps
 
 
@@ -89,7 +83,7 @@ def test_dataset_info(data_dir):
   info = ip.dataset_info('cifar10', data_dir)
   stored_names = tuple(tfds.builder('cifar10', data_dir=data_dir).info.features['label'].names)
   assert info == ip.DatasetInfo('cifar10', 10, (32, 32, 3), 64, {'test': 61}, ('test',),
-                                stored_names)
+                                stored_names, (1.0, *CIFAR10_STATS))
   info = ip.dataset_info('cifar10', data_dir, holdout_validation=True)
   assert (info.num_train, info.num_eval) == (48, {'validation': 16, 'test': 61})
   assert ip.dataset_info('cifar100', data_dir).num_classes == 100
@@ -98,7 +92,8 @@ def test_dataset_info(data_dir):
   assert info.eval_splits == ('validation', 'test')
   info = ip.dataset_info('imagenet2012', data_dir)
   assert info == ip.DatasetInfo('imagenet2012', 1000, (224, 224, 3), 12, {'validation': 6},
-                                ('validation',), info.class_names)
+                                ('validation',), info.class_names,
+                                (255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
   assert info.class_names[:2] == ('n01440764', 'n01443537') and len(info.class_names) == 1000
 
 
@@ -130,24 +125,33 @@ def test_errors_name_what_is_wrong_and_how_to_fix_it(data_dir, tmp_path):
                             topology=on_local_devices(8))
 
 
-def test_cifar_train_batches(data_dir):
+def test_cifar_train_batches_and_their_device_transform(data_dir):
   batch = next(ip.create_train_iterator('cifar10', data_dir=data_dir,
                                         topology=on_local_devices(16), seed=0))
-  assert batch['image'].shape == (8, 2, 32, 32, 3) and batch['image'].dtype == np.float32
-  assert batch['label'].shape == (8, 2) and batch['label'].dtype == np.int32
-  mean, std = CIFAR_STATS['cifar10']
+  assert batch['image'].shape == (8, 2, 32, 32, 3) and batch['image'].dtype == np.uint8
+  for key in ('label', 'epoch', 'index'):
+    assert batch[key].shape == (8, 2) and batch[key].dtype == np.int32, key
+  np.testing.assert_array_equal(ids(batch) % 10, batch['label'].reshape(-1))
+  index = batch['index'].reshape(-1)  # positions in tfds's file order
+  assert len(set(index)) == 16 and 0 <= index.min() and index.max() < 64
+  assert (batch['epoch'] == 0).all()
+  info = ip.dataset_info('cifar10', data_dir)
+  transform = ip.device_transform(info, train=True, seed=0)
+  assert (transform.translate, transform.flip, transform.photometric) == (4, True, False)
+  images = np.asarray(jax.pmap(augment.apply, static_broadcasted_argnums=0)(
+      transform, batch['image'], batch['epoch'], batch['index']))
+  mean, std = CIFAR10_STATS
   low, high = (0 - np.array(mean)) / std, (255 - np.array(mean)) / std
-  assert (batch['image'] >= low - 1e-5).all() and (batch['image'] <= high + 1e-5).all()
-  assert (batch['image'] == 0).all(axis=-1).any()  # zero padding of the random crops
-  plain = next(ip.create_train_iterator('cifar10', data_dir=data_dir,
-                                        topology=on_local_devices(16), seed=0, augment=False))
-  np.testing.assert_array_equal(ids(plain) % 10, plain['label'].reshape(-1))
+  assert (images >= low - 1e-5).all() and (images <= high + 1e-5).all()
+  assert (images == 0).all(axis=-1).any()  # the padding is the mean pixel: 0 once normalized
+  assert ip.device_transform(info, train=True, augment=False) == ip.device_transform(
+      info, train=False) == augment.DeviceTransform(1.0, *CIFAR10_STATS)
 
 
 def test_cifar100_pipelines(data_dir):
   batch = next(ip.create_train_iterator('cifar100', data_dir=data_dir,
                                         topology=on_local_devices(16), seed=0, augment=False))
-  np.testing.assert_array_equal(ids(batch, 'cifar100') * 2, batch['label'].reshape(-1))
+  np.testing.assert_array_equal(ids(batch) * 2, batch['label'].reshape(-1))
   seen, steps = eval_ids('cifar100', 'test', 1, data_dir=data_dir, global_batch_size=16)
   np.testing.assert_array_equal(np.sort(seen), np.arange(40, 60))
   assert steps == [2]
@@ -188,7 +192,8 @@ def test_resume_at_start_step_yields_the_uninterrupted_batches(data_dir, name, b
   uninterrupted = stream(0, 5)
   for start_step in start_steps:
     for resumed, expected in zip(stream(start_step, 5 - start_step), uninterrupted[start_step:]):
-      for key in ('image', 'label'):
+      assert set(resumed) == {'image', 'label', 'epoch', 'index'}
+      for key in resumed:
         np.testing.assert_array_equal(resumed[key], expected[key])
 
 
@@ -241,8 +246,7 @@ def test_svhn_holds_out_per_class_from_train_and_extra(data_dir):
         'svhn_cropped', data_dir=data_dir, seed=0, augment=False,
         topology=Topology(14, process, process_count=2, local_device_count=1))
     batches = take(iterator, 5)
-    assert all((b['image'] >= 0).all() and (b['image'] <= 1).all() for b in batches)
-    train.append(np.concatenate([ids(b, 'svhn_cropped') for b in batches]))
+    train.append(np.concatenate([ids(b) for b in batches]))
   assert len(train[0]) == len(train[1]) == 35
   everything = np.concatenate(train + [validation])
   np.testing.assert_array_equal(np.sort(everything), np.concatenate([SVHN_TRAIN, SVHN_EXTRA]))
@@ -256,7 +260,7 @@ def test_imagenet_pipelines(data_dir):
   expected = np.sort(tfds.as_numpy(builder.as_dataset(split='validation', batch_size=-1))['label'])
   batch = next(ip.create_train_iterator('imagenet2012', data_dir=data_dir, seed=0,
                                         topology=Topology(4, local_device_count=2)))
-  assert batch['image'].shape == (2, 2, 224, 224, 3) and batch['image'].dtype == np.float32
+  assert batch['image'].shape == (2, 2, 224, 224, 3) and batch['image'].dtype == np.uint8
   assert set(batch['label'].reshape(-1)) <= {0, 1, 2}
   kwargs = {'data_dir': data_dir, 'topology': Topology(4, local_device_count=2)}
   batches, steps = ip.create_eval_iterator('imagenet2012', 'validation', **kwargs)
@@ -297,7 +301,7 @@ def test_digits_prepares_offline_with_a_stratified_split(tmp_path):
   data_dir = str(tmp_path)
   info = ip.dataset_info('digits', data_dir)
   assert info == ip.DatasetInfo('digits', 10, (8, 8, 1), 1437, {'test': 360}, ('test',),
-                                tuple(str(d) for d in range(10)))
+                                tuple(str(d) for d in range(10)), (16.0, (0.0,), (1.0,)))
   batches, steps = ip.create_eval_iterator('digits', 'test', data_dir=data_dir,
                                            topology=Topology(128, local_device_count=1))
   batches = list(batches)
@@ -307,9 +311,12 @@ def test_digits_prepares_offline_with_a_stratified_split(tmp_path):
   images = np.concatenate([b['image'].reshape(-1, 8, 8, 1) for b in batches])[mask]
   all_labels = datasets.load_digits().target
   assert np.abs(np.bincount(labels) - 360 * np.bincount(all_labels) / 1797).max() <= 1
-  assert images.min() == 0 and images.max() == 1
-  np.testing.assert_array_equal(images * 16, np.rint(images * 16))  # pixels / 16
+  assert images.dtype == np.uint8 and images.min() == 0 and images.max() == 16  # as stored
+  # Upscaled on the device: the host's batches stay 8x8, so no 0..16 level is rounded away.
   upscaled = next(ip.create_train_iterator('digits', data_dir=data_dir,
                                            topology=on_local_devices(16), seed=0, image_size=32))
-  assert upscaled['image'].shape == (8, 2, 32, 32, 1)
-  assert ip.dataset_info('digits', data_dir, image_size=32).image_shape == (32, 32, 1)
+  assert upscaled['image'].shape == (8, 2, 8, 8, 1)
+  info = ip.dataset_info('digits', data_dir, image_size=32)
+  assert info.image_shape == (32, 32, 1)
+  assert ip.device_transform(info, train=True) == augment.DeviceTransform(
+      16.0, (0.0,), (1.0,), translate=1, resize=32)
