@@ -70,10 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   p_state = devices.replicate(state)
   del state
   first_batch = next(train_batches)
-  transform = input_pipeline.device_transform(
-      info, train=True, seed=config.seed, augment=config.augment,
-      folder_options=data_options(config)['folder_options'])
-  p_train_step = _compile_train_step(learning_rate_fn, info, transform, p_state, first_batch)
+  p_train_step = _compile_train_step(config, learning_rate_fn, info, p_state, first_batch)
   train_batches = itertools.chain([first_batch], train_batches)
   log = _TrainLog(writer, config.batch_size, steps_per_epoch, total_steps)
   logging.info('%s: %s parameters, %d steps of %d images (%d per epoch), %d devices.',
@@ -240,14 +237,18 @@ def _restore_for_evaluation(config, workdir: Optional[str], state):
   return state
 
 
-def _compile_train_step(learning_rate_fn, info, transform, p_state, batch) -> Callable:
-  """The pmapped train step, compiled for these arguments with the platform's XLA options
+def _compile_train_step(config, learning_rate_fn, info, p_state, batch) -> Callable:
+  """The pmapped train step, with the dataset's device transform (normalization and the
+  config's augmentation), compiled for these arguments with the platform's XLA options
   (steps.compiler_options).
 
   A pmap compiled for several processes cannot be called with each process's local arrays, so
   there the step stays as it is (compiled at its first call): only XLA:CPU has options, and a
   multi-process CPU run trains the same but without the memory-efficient mode's saving.
   """
+  transform = input_pipeline.device_transform(
+      info, train=True, seed=config.seed, augment=config.augment,
+      folder_options=data_options(config)['folder_options'])
   p_train_step = jax.pmap(
       functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
                         transform=transform, top5=_reports_top5(info)),

@@ -1,7 +1,10 @@
 """Train-step benchmark: plain vs memory-efficient, float32 vs bfloat16, JAX vs PyTorch.
 
-For one named model, batch size and resolution, each case (mode x dtype, and with --vs-torch
-the same step in PyTorch) runs in a fresh Python process, so that peak memory is its own:
+For one named model, batch size and resolution, each case (mode x dtype x input, and with
+--vs-torch the same step in PyTorch) runs in a fresh Python process, so that peak memory is its
+own. Inputs (JAX): `uint8`, the batches train.py feeds, with the device's normalization and
+augmentation in the step (ImageNet's color jitter, lighting and flip at 224x224 and above,
+CIFAR's shift and flip below); `float32`, the bare step fed normalized float32 images.
 
   step time    median of --steps timed steps after --warmup steps; images/s from it; also the
                best step and the median process CPU time (all threads) of a step
@@ -36,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]  # densenet_jax, torch_densenet
 MODES = ('plain', 'memory_efficient')
 DTYPES = ('float32', 'bfloat16')
+INPUTS = ('uint8', 'float32')
 TORCH_RUNTIMES = ('eager', 'compile')
 CIFAR_TRAIN_IMAGES, CIFAR_EPOCHS = 50_000, 300  # the paper's C10+ run
 
@@ -50,6 +54,7 @@ def parse_args(argv=None):
   p.add_argument('--growth-rate', type=int, help='override the growth rate k')
   p.add_argument('--modes', default=','.join(MODES), help=f'comma-separated: {MODES}')
   p.add_argument('--dtypes', default=','.join(DTYPES), help=f'comma-separated: {DTYPES}')
+  p.add_argument('--inputs', default='uint8', help=f'comma-separated (JAX cases): {INPUTS}')
   p.add_argument('--steps', type=int, default=5, help='timed steps per case; 0: compile only')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
   p.add_argument('--vs-torch', action='store_true', help='also time the step in PyTorch')
@@ -68,7 +73,8 @@ def parse_args(argv=None):
   from densenet_jax import architectures  # plain data: no JAX, no TensorFlow
   if args.model not in architectures.NAMED:
     p.error(f'--model {args.model!r}: allowed models are {", ".join(architectures.NAMED)}')
-  for name, allowed in (('modes', MODES), ('dtypes', DTYPES), ('torch_runtimes', TORCH_RUNTIMES)):
+  for name, allowed in (('modes', MODES), ('dtypes', DTYPES), ('inputs', INPUTS),
+                        ('torch_runtimes', TORCH_RUNTIMES)):
     values = getattr(args, name).split(',')
     if not set(values) <= set(allowed):
       p.error(f'--{name.replace("_", "-")} {getattr(args, name)!r}: allowed values are '
@@ -140,9 +146,9 @@ def jax_case(spec):
   lr = steps.learning_rate_schedule(0.1, 100, (50, 75))
   tx = steps.sgd_nesterov(lr, momentum=0.9, weight_decay=1e-4)
   state = steps.create_train_state(model, jax.random.key(0), (size, size, 3), tx)
-  batch = {'image': jax.random.normal(jax.random.key(1), (b, size, size, 3), jnp.float32),
-           'label': jax.random.randint(jax.random.key(2), (b,), 0, spec['num_classes'])}
-  train_step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=lr, axis_name=None),
+  batch, transform = synthetic_batch(spec)
+  train_step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=lr,
+                                         transform=transform, axis_name=None),
                        donate_argnums=0,
                        compiler_options=steps.compiler_options(jax.default_backend()))
   start = time.perf_counter()
@@ -173,6 +179,30 @@ def jax_case(spec):
     result['peak_bytes'] = (device.memory_stats() or {}).get('peak_bytes_in_use')
   result.update(device=device.device_kind, platform=device.platform, version=jax.__version__)
   return result
+
+
+def synthetic_batch(spec):
+  """(batch, DeviceTransform or None) of the case's input kind, made on the device."""
+  import jax
+  import jax.numpy as jnp
+
+  from densenet_jax import augment
+  from densenet_jax.datasets import CIFAR_PAD, NORMALIZATION
+
+  b, size = spec['batch_size'], spec['image_size']
+  labels = jax.random.randint(jax.random.key(2), (b,), 0, spec['num_classes'])
+  if spec.get('input', 'float32') == 'float32':
+    images = jax.random.normal(jax.random.key(1), (b, size, size, 3), jnp.float32)
+    return {'image': images, 'label': labels}, None
+  images = jax.random.randint(jax.random.key(1), (b, size, size, 3), 0, 256).astype(jnp.uint8)
+  batch = {'image': images, 'label': labels, 'epoch': jnp.zeros(b, jnp.int32),
+           'index': jnp.arange(b, dtype=jnp.int32)}
+  if size >= 224:
+    scale, mean, std = NORMALIZATION['imagenet2012']
+    return batch, augment.DeviceTransform(scale, mean, std, photometric=True, flip=True)
+  scale, mean, std = NORMALIZATION['cifar10']
+  return batch, augment.DeviceTransform(scale, mean, std, translate=CIFAR_PAD, fill=mean,
+                                        flip=True)
 
 
 def torch_case(spec):
@@ -237,11 +267,13 @@ def run_case_here(spec):
 # The driver: one subprocess per case, then the table.
 
 def cases(args):
-  jax_cases = [dict(framework='jax', mode=m, dtype=d, runtime='xla', xla_flags=args.xla_flags)
-               for d in args.dtypes for m in args.modes if not args.torch_only]
+  jax_cases = [dict(framework='jax', mode=m, dtype=d, input=i, runtime='xla',
+                    xla_flags=args.xla_flags)
+               for d in args.dtypes for m in args.modes for i in args.inputs
+               if not args.torch_only]
   torch_cases = []
   if args.vs_torch or args.torch_only:
-    torch_cases = [dict(framework='torch', mode=m, dtype=d, runtime=r)
+    torch_cases = [dict(framework='torch', mode=m, dtype=d, input='float32', runtime=r)
                    for d in args.dtypes for m in args.modes for r in args.torch_runtimes]
   common = dict(model=args.model, batch_size=args.batch_size, image_size=args.image_size,
                 num_classes=args.num_classes, depth=args.depth, growth_rate=args.growth_rate,
@@ -281,7 +313,7 @@ def mib(value):
 def table(records):
   """Markdown: one row per case; CIFAR models also get the paper's 300-epoch C10+ time."""
   cifar = any(r['image_size'] == 32 for r in records)
-  head = ['framework', 'mode', 'dtype', 'runtime', 'step (ms)', 'best (ms)', 'CPU (s)',
+  head = ['framework', 'mode', 'dtype', 'input', 'runtime', 'step (ms)', 'best (ms)', 'CPU (s)',
           'images/s', 'compile (s)',
           'residuals (MiB)', 'XLA temp (MiB)', 'peak (MiB)'] + (['300 ep C10+ (h)'] if cifar
                                                                 else []) + ['status']
@@ -289,7 +321,7 @@ def table(records):
   for r in records:
     ok = 'step_s' in r
     compile_s = (r.get('lower_s', 0) + r['compile_s']) if 'compile_s' in r else None
-    cells = [r['framework'], r['mode'], r['dtype'], r['runtime'],
+    cells = [r['framework'], r['mode'], r['dtype'], r.get('input', 'float32'), r['runtime'],
              f'{1000 * r["step_s"]:,.1f}' if ok else '',
              f'{1000 * min(r["step_s_all"]):,.1f}' if ok else '',
              f'{r["cpu_s"]:,.2f}' if 'cpu_s' in r else '',
@@ -315,8 +347,9 @@ def ratios(records):
       continue
     for t in theirs:
       if key(t) == key(r):
-        lines.append(f'- {r["model"]} b{r["batch_size"]} {r["mode"]} {r["dtype"]}: JAX / torch '
-                     f'{t["runtime"]} = {r["images_per_s"] / t["images_per_s"]:.2f}x')
+        lines.append(f'- {r["model"]} b{r["batch_size"]} {r["mode"]} {r["dtype"]} '
+                     f'{r.get("input", "float32")} input: JAX / torch {t["runtime"]} = '
+                     f'{r["images_per_s"] / t["images_per_s"]:.2f}x')
   return '\n'.join(lines)
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The fixed GPU check of issue 5, sized for one NVIDIA H200: under 8 minutes in all, because every
-# case runs in its own process under its own timeout (the timeouts below sum to 465 s).
-#   1. DenseNet-121, 224x224, batch 256, bf16: JAX plain and memory-efficient; torchvision's
-#      densenet121 eager with AMP (bf16) + channels_last, and torch.compile if it is done in time
+# The fixed GPU check of issue 5, sized for one NVIDIA H200: under 9 minutes in all, because every
+# case runs in its own process under its own timeout (the timeouts below sum to 525 s).
+#   1. DenseNet-121, 224x224, batch 256, bf16: JAX plain and memory-efficient fed uint8 batches
+#      with the device's ImageNet augmentation (as train.py), and plain fed float32 (the bare
+#      step); torchvision's densenet121 eager with AMP (bf16) + channels_last, and torch.compile
+#      if it is done in time
 #   2. DenseNet-BC-190 (k=40), batch 64, float32: plain and memory-efficient (peak memory)
 #   3. DenseNet-BC-100 (k=12), batch 64, bf16: images/s and the paper's 300-epoch C10+ time
 #   4. tests/test_convert.py (torchvision weights give torchvision's logits), if present
@@ -22,7 +24,9 @@ run() {  # run NAME TIMEOUT_S ARGS...: one benchmark case group
 }
 
 run d121_jax 60 --model densenet121 --batch-size 256 --dtypes bfloat16 \
-  --modes plain,memory_efficient
+  --modes plain,memory_efficient --inputs uint8
+run d121_jax_float32_input 60 --model densenet121 --batch-size 256 --dtypes bfloat16 \
+  --modes plain --inputs float32
 run d121_torch_eager 35 --model densenet121 --batch-size 256 --dtypes bfloat16 --modes plain \
   --torch-only --torch-runtimes eager
 run d121_torch_compile 80 --model densenet121 --batch-size 256 --dtypes bfloat16 --modes plain \

@@ -49,7 +49,7 @@ def batches(data_dir: str, roll: int):
       topology=Topology(BATCH, i, process_count=2, local_device_count=2)) for i in shards]
   while True:
     parts = [next(it) for it in iterators]
-    batch = {k: np.concatenate([p[k] for p in parts]) for k in ('image', 'label')}
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     yield {k: np.roll(v, roll, axis=0) for k, v in batch.items()}  # [devices, per device, ...]
 
 
@@ -60,15 +60,17 @@ def train(dtype: str, roll: int, data_dir: str) -> dict:
 
   import jax
 
-  from densenet_jax import devices, models, steps
+  from densenet_jax import devices, input_pipeline, models, steps
 
   model = models.create_model('densenet40_k12', depth=7, growth_rate=4, num_classes=10,
                               dtype=dtype, axis_name=steps.AXIS_NAME)
   learning_rate_fn = steps.learning_rate_schedule(LEARNING_RATE, STEPS_PER_EPOCH, (2.5,))
   tx = steps.sgd_nesterov(learning_rate_fn, 0.9, 1e-4)
   state = steps.create_train_state(model, jax.random.key(0), (32, 32, 3), tx)
-  p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn),
-                    axis_name=steps.AXIS_NAME)
+  transform = input_pipeline.device_transform(input_pipeline.dataset_info('cifar10', data_dir),
+                                              train=True, seed=0)
+  p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
+                                      transform=transform), axis_name=steps.AXIS_NAME)
   p_state = devices.replicate(state)
   losses, params = [], {}
   for step, batch in zip(range(1, STEPS + 1), batches(data_dir, roll)):

@@ -5,6 +5,7 @@ restarted ends with the bitwise state of a run that was never stopped.
 """
 
 import concurrent.futures
+import contextlib
 import errno
 import functools
 import logging
@@ -122,20 +123,23 @@ def test_unreadable_latest_and_killed_save_are_skipped(tmp_path, state, caplog, 
 
   ckpt.save(at_step(state, 3), {'history': [3]})  # the step can be saved again
   ckpt.close()
-  assert int(checkpoints.Checkpoints(directory).restore(state)[0].step) == 3
+  with contextlib.closing(checkpoints.Checkpoints(directory)) as ckpt:
+    assert int(ckpt.restore(state)[0].step) == 3
 
 
 def test_nothing_is_moved_when_no_checkpoint_can_be_read(tmp_path, state):
   directory = tmp_path / 'checkpoints'
   save(directory, state, [1, 2])
   other = state.replace(params={**state.params, 'extra': np.zeros(3, np.float32)})
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=r'no checkpoint in .* can be read into this model \(step 2: '):
-    checkpoints.Checkpoints(directory).restore(other)  # another model: not corruption
+  with contextlib.closing(checkpoints.Checkpoints(directory)) as ckpt, pytest.raises(
+      checkpoints.CheckpointError,
+      match=r'no checkpoint in .* can be read into this model \(step 2: '):
+    ckpt.restore(other)  # another model: not corruption
   truncate_arrays(directory / '1')
   truncate_arrays(directory / '2')
-  with pytest.raises(checkpoints.CheckpointError, match='use another workdir to start afresh'):
-    checkpoints.Checkpoints(directory).restore(state)
+  with contextlib.closing(checkpoints.Checkpoints(directory)) as ckpt, pytest.raises(
+      checkpoints.CheckpointError, match='use another workdir to start afresh'):
+    ckpt.restore(state)
   assert sorted(os.listdir(directory)) == ['1', '2']
 
 
@@ -187,7 +191,8 @@ def test_failed_writes_are_one_line_errors_and_keep_the_last_checkpoint(tmp_path
   assert '\n' not in str(error.value)
   assert main_runs.complete_steps(tmp_path) == [1]
   monkeypatch.undo()
-  assert int(checkpoints.Checkpoints(directory).restore(state)[0].step) == 1
+  with contextlib.closing(checkpoints.Checkpoints(directory)) as ckpt:
+    assert int(ckpt.restore(state)[0].step) == 1
 
 
 def test_root_cause_of_a_tensorstore_write_error_is_one_line():
@@ -332,6 +337,37 @@ def test_augmented_cifar_resumes_exactly_after_sigint(tmp_path, cifar_dir):
   assert status == 128 + signal.SIGINT, log[-3000:]
   stopped = stopped_step(log, 'SIGINT')
   assert stopped % 12, 'stopped at an epoch end: the test wants a mid-epoch resume'
+  status, log = main_runs.finish(main_runs.start([*args, f'--workdir={tmp_path / "run"}'], 2))
+  assert status == 0 and f'Resumed from step {stopped} ' in log, log[-3000:]
+  status, log = reference.result()
+  assert status == 0, log[-3000:]
+  _, state, record = main_runs.last_checkpoint(str(tmp_path / 'run'))
+  _, ref_state, ref_record = main_runs.last_checkpoint(str(tmp_path / 'reference'))
+  main_runs.assert_bitwise_equal(state, ref_state)
+  assert without_speed(record) == without_speed(ref_record)
+
+
+@pytest.fixture(scope='module')
+def imagenet_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('tfds')
+  tfds_fixtures.build_imagenet(root, root / 'manual')  # 12 train, 6 validation JPEGs
+  return str(root)
+
+
+def test_augmented_imagenet_resumes_exactly_after_sigterm(tmp_path, imagenet_dir):
+  """ImageNet's host crop and the device's jitter, lighting and flip replay exactly after a
+  resume mid-epoch (a tiny DenseNet at 224x224: 3 steps of 4 images an epoch)."""
+  args = ['--config=configs/imagenet_densenet121.py', '--config.model.block_sizes=(1,1)',
+          '--config.model.growth_rate=4', '--config.batch_size=4', '--config.eval_batch_size=6',
+          '--config.log_every_steps=1', '--config.num_epochs=2', '--config.lr_decay_epochs=(1,)',
+          f'--config.data_dir={imagenet_dir}']
+  reference = concurrent.futures.ThreadPoolExecutor(1).submit(
+      main_runs.finish, main_runs.start([*args, f'--workdir={tmp_path / "reference"}'], 2))
+  status, log = main_runs.finish(main_runs.start([*args, f'--workdir={tmp_path / "run"}'], 2),
+                                 signal_at=4, signum=signal.SIGTERM)
+  assert status == 128 + signal.SIGTERM, log[-3000:]
+  stopped = stopped_step(log, 'SIGTERM')
+  assert stopped % 3, 'stopped at an epoch end: the test wants a mid-epoch resume'
   status, log = main_runs.finish(main_runs.start([*args, f'--workdir={tmp_path / "run"}'], 2))
   assert status == 0 and f'Resumed from step {stopped} ' in log, log[-3000:]
   status, log = reference.result()

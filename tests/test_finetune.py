@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from configs import finetune, imagenet_densenet121
-from densenet_jax import input_pipeline, predict, steps, train
+from densenet_jax import augment, input_pipeline, predict, steps, train
 from densenet_jax import preprocessing as pp
+from densenet_jax.datasets import NORMALIZATION
 import tfds_fixtures
 from test_weights import keras_densenet121_weights, serve, server  # noqa: F401 (fixture)
 
@@ -61,14 +62,17 @@ def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch, fast
   assert correct == round((1 - best['top1_error']) * 4)
   # Each file's top-1 is the eval step's argmax for it: the eval pipeline's transform of the
   # files, scored by the eval step against the predicted classes, has no error.
+  options = train.data_options(config)['folder_options']
   preprocess = input_pipeline.example_preprocessor(
-      config.dataset, train=False, image_size=config.image_size, data_dir=config.data_dir,
-      folder_options=train.data_options(config)['folder_options'])
+      config.dataset, train=False, image_size=config.image_size, folder_options=options)
   images = np.stack([preprocess({'image': open(f, 'rb').read(), 'label': 0})['image'].numpy()
                      for f in predictions.files])
-  state = train.state_for_evaluation(config, workdir, train.dataset_info_of(config))
+  info = train.dataset_info_of(config)
+  state = train.state_for_evaluation(config, workdir, info)
   sums = steps.eval_step(state, {'image': images, 'label': predictions.top_classes[:, 0],
-                                 'mask': np.ones(4, np.float32)}, axis_name=None)
+                                 'mask': np.ones(4, np.float32)}, axis_name=None,
+                         transform=input_pipeline.device_transform(info, train=False,
+                                                                   folder_options=options))
   assert float(sums['count']) == 4 and float(sums['top1_error']) == 0
   assert json.loads((tmp_path / 'run' / 'results.json').read_text())['final_per_class']
 
@@ -91,7 +95,9 @@ def test_predict_with_published_imagenet_weights_names_keras_top_classes(
                                 [str(tmp_path / 'bad.jpg')], top_k=3)
   assert [f for f, _ in predictions.unreadable] == [str(tmp_path / 'bad.jpg')]
   images = np.stack([pp.imagenet_eval(p.read_bytes()).numpy() for p in photos])
-  expected = np.argsort(-np.asarray(keras_model(images, training=False)), axis=1)[:, :3]
+  normalized = augment.apply(augment.DeviceTransform(*NORMALIZATION['imagenet2012']), images)
+  expected = np.argsort(-np.asarray(keras_model(np.asarray(normalized), training=False)),
+                        axis=1)[:, :3]
   np.testing.assert_array_equal(predictions.top_classes, expected)
   names = dict(predict.imagenet_classes())
   assert predictions.class_names[expected[0, 0]] == list(names.values())[expected[0, 0]]

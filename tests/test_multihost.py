@@ -78,7 +78,10 @@ def reference_state(data_dir, roll=0, shards_read=(0, 1)):
   learning_rate_fn = steps.learning_rate_schedule(LEARNING_RATE, NUM_TRAIN // BATCH, (2.5,))
   tx = steps.sgd_nesterov(learning_rate_fn, 0.9, 1e-4)
   state = steps.create_train_state(model, jax.random.key(0), (32, 32, 3), tx)
-  p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn),
+  transform = input_pipeline.device_transform(input_pipeline.dataset_info('cifar10', data_dir),
+                                              train=True, seed=0)
+  p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
+                                      transform=transform),
                     axis_name=steps.AXIS_NAME, devices=local_devices)
   shards = [input_pipeline.create_train_iterator(
       'cifar10', data_dir=data_dir, seed=0,

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from densenet_jax import convert, input_pipeline, models, steps
+from densenet_jax import augment, convert, input_pipeline, models, steps
 from densenet_jax.devices import Topology
 import tfds_fixtures
 
@@ -54,10 +54,13 @@ def test_evaluate_mode_scores_imported_keras_weights_like_keras(tmp_path, keras_
   # Keras itself on the same preprocessed (bicubic resize 256, center crop 224) images.
   batches, _ = input_pipeline.create_eval_iterator(
       'imagenet2012', 'validation', data_dir=str(data_dir), topology=Topology(8))
+  transform = input_pipeline.device_transform(
+      input_pipeline.dataset_info('imagenet2012', str(data_dir)), train=False)
   losses, errors, count = [], [], 0
   for batch in batches:
     mask = batch['mask'][0] == 1
-    logits = np.asarray(keras_model(batch['image'][0][mask], training=False), np.float64)
+    images = np.asarray(augment.apply(transform, batch['image'][0][mask]))
+    logits = np.asarray(keras_model(images, training=False), np.float64)
     labels = batch['label'][0][mask]
     log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
                                 keepdims=True)) - logits.max(-1, keepdims=True)
