@@ -13,8 +13,9 @@ Batches are numpy dicts laid out for `jax.pmap` over the local devices:
 
 The device turns the uint8 images into the model's input with `device_transform(info, ...)`
 (densenet_jax/augment.py): normalization with the dataset's statistics (DatasetInfo), and for
-training the random shift and flip (CIFAR, digits, folders) or the color jitter, lighting and
-flip (ImageNet). The host decodes, and for ImageNet crops and resizes (`preprocessing`).
+training the random shift and flip (CIFAR, folders) or the color jitter, lighting and flip
+(ImageNet). The host decodes, shifts the digits, and for ImageNet crops and resizes
+(`preprocessing`).
 
 Data. `digits` and image folders (`folder:PATH`, densenet_jax/folder.py) are prepared on first
 use (offline); the others must be prepared in the tfds data_dir beforehand:
@@ -59,7 +60,7 @@ import tensorflow_datasets as tfds
 from densenet_jax import config_validation, digits, folder, folder_listing
 from densenet_jax.augment import DeviceTransform
 from densenet_jax import preprocessing as pp
-from densenet_jax.datasets import (CIFAR_PAD, DATASETS, DIGITS_PAD, FOLDER_IMAGE_SIZE,
+from densenet_jax.datasets import (CIFAR_PAD, DATASETS, FOLDER_IMAGE_SIZE,
                                    IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION, NOT_AUGMENTED)
 from densenet_jax.devices import Topology
 
@@ -315,12 +316,10 @@ def device_transform(info: DatasetInfo, *, train: bool, seed: int = 0, augment: 
   transform = DeviceTransform(scale=scale, mean=tuple(mean), std=tuple(std), seed=seed)
   if info.name == 'digits' and info.image_shape != IMAGE_SHAPES['digits']:
     transform = dataclasses.replace(transform, resize=info.image_shape[0])
-  if not (train and augment) or info.name in NOT_AUGMENTED:
-    return transform
+  if not (train and augment) or info.name in NOT_AUGMENTED or info.name == 'digits':
+    return transform  # the digits are shifted on the host (preprocessing.digits_shift)
   if info.name in ('cifar10', 'cifar100'):
     return dataclasses.replace(transform, translate=CIFAR_PAD, fill=tuple(mean), flip=True)
-  if info.name == 'digits':
-    return dataclasses.replace(transform, translate=DIGITS_PAD)
   if info.name == 'imagenet2012':
     return dataclasses.replace(transform, photometric=True, flip=True)
   return dataclasses.replace(  # a folder
@@ -335,7 +334,8 @@ def example_preprocessor(name: str, *, train: bool, seed: int = 0, augment: bool
   """fn(example) -> dict(image, label) for one example of `_read`, image uint8 (training: plus
   the example's `epoch` and `index`, which the device draws its augmentation from).
 
-  digits, cifar, svhn_cropped: the decoded image; imagenet2012: fb.resnet.torch's random-sized
+  cifar, svhn_cropped: the decoded image; digits: the decoded image, shifted by up to a pixel
+  when augmented; imagenet2012: fb.resnet.torch's random-sized
   crop at 224, or the evaluation resize + center crop (or 10 crops); folders: config.folder's
   crop or eval view (preprocessing.folder_train / folder_eval). The rest is `device_transform`'s.
   """
@@ -360,8 +360,9 @@ def example_preprocessor(name: str, *, train: bool, seed: int = 0, augment: bool
         return pp.imagenet_train(encoded, key)
       return pp.imagenet_eval(encoded, eval_resize, ten_crop)
     shape = IMAGE_SHAPES[name]
-    return tf.ensure_shape(
+    decoded = tf.ensure_shape(
         tf.io.decode_image(encoded, channels=shape[2], expand_animations=False), shape)
+    return pp.digits_shift(decoded, key) if name == 'digits' and augment else decoded
 
   def preprocess(example):
     out = {'image': image(example), 'label': example['label']}

@@ -1,9 +1,10 @@
 """The host's per-image work as pure TensorFlow ops: decode, crop, resize, uint8 out.
 
-Images leave here as uint8; the float work (normalization and, for training, the random shift,
-flip, color jitter and lighting) is the device's, in densenet_jax/augment.py. The one random op
-here, ImageNet's random-sized crop, is stateless: it takes a `key`, an int64 tensor of shape [2]
-(the seed of the `tf.random.stateless_*` ops), so a crop is a pure function of (image, key).
+Images leave here as uint8; the float work (normalization and, for training, CIFAR's and the
+folders' shifts, the flips, color jitter and lighting) is the device's, in
+densenet_jax/augment.py. The random ops here, ImageNet's random-sized crop and the digits'
+shifts, are stateless: they take a `key`, an int64 tensor of shape [2] (the seed of the
+`tf.random.stateless_*` ops), so their result is a pure function of (image, key).
 Constants and formulas, with their sources, are in docs/reference.md; the ImageNet ones are
 those of fb.resnet.torch.
 
@@ -15,7 +16,7 @@ import re
 
 import tensorflow as tf
 
-from densenet_jax.datasets import RESIZE_METHODS
+from densenet_jax.datasets import DIGITS_PAD, RESIZE_METHODS
 
 tf.config.set_visible_devices([], 'GPU')
 
@@ -23,6 +24,16 @@ CROP_SIZE = 224
 RESIZE_SIZE = 256
 MIN_CROP_AREA = 0.08
 CROP_TRIES = 10
+
+
+def digits_shift(image, key):
+  """A random shift of a uint8 digit by up to DIGITS_PAD pixels (zero padding, then the original
+  size cropped at offsets (y, x) uniform in [0, 2 * DIGITS_PAD]); no flip: digits are not
+  mirror-symmetric. On the host: here it costs nothing, and on the device its random draws
+  would add ~1.5 CPU-s of XLA compile to every digits run (docs/performance.md)."""
+  padded = tf.pad(image, [[DIGITS_PAD, DIGITS_PAD], [DIGITS_PAD, DIGITS_PAD], [0, 0]])
+  offset = tf.random.stateless_uniform([2], key, 0, 2 * DIGITS_PAD + 1, dtype=tf.int32)
+  return tf.slice(padded, [offset[0], offset[1], 0], image.shape)
 
 
 def crop_window(height, width, key):

@@ -324,19 +324,17 @@ def cifar_dir(tmp_path_factory):
   return str(root)
 
 
-def test_augmented_cifar_resumes_exactly_after_sigint(tmp_path, cifar_dir):
-  """C10+: random crops and flips must replay exactly after a resume mid-epoch."""
-  args = ['--config=configs/cifar.py:densenet40_k12,c10+,quick', '--config.model.growth_rate=4',
-          '--config.batch_size=8', '--config.eval_batch_size=10', '--config.log_every_steps=1',
-          '--config.num_epochs=2', '--config.lr_decay_epochs=(1.5,)',
-          f'--config.data_dir={cifar_dir}']
+def assert_stopped_mid_epoch_resumes_exactly(tmp_path, args, signum, signal_at,
+                                             steps_per_epoch):
+  """A run of main.py stopped by `signum` mid-epoch and resumed ends bitwise equal to an
+  uninterrupted one (2 devices each), with the same eval history."""
   reference = concurrent.futures.ThreadPoolExecutor(1).submit(
       main_runs.finish, main_runs.start([*args, f'--workdir={tmp_path / "reference"}'], 2))
   status, log = main_runs.finish(main_runs.start([*args, f'--workdir={tmp_path / "run"}'], 2),
-                                 signal_at=7, signum=signal.SIGINT)
-  assert status == 128 + signal.SIGINT, log[-3000:]
-  stopped = stopped_step(log, 'SIGINT')
-  assert stopped % 12, 'stopped at an epoch end: the test wants a mid-epoch resume'
+                                 signal_at=signal_at, signum=signum)
+  assert status == 128 + signum, log[-3000:]
+  stopped = stopped_step(log, signum.name)
+  assert stopped % steps_per_epoch, 'stopped at an epoch end: the test wants a mid-epoch resume'
   status, log = main_runs.finish(main_runs.start([*args, f'--workdir={tmp_path / "run"}'], 2))
   assert status == 0 and f'Resumed from step {stopped} ' in log, log[-3000:]
   status, log = reference.result()
@@ -345,6 +343,16 @@ def test_augmented_cifar_resumes_exactly_after_sigint(tmp_path, cifar_dir):
   _, ref_state, ref_record = main_runs.last_checkpoint(str(tmp_path / 'reference'))
   main_runs.assert_bitwise_equal(state, ref_state)
   assert without_speed(record) == without_speed(ref_record)
+
+
+def test_augmented_cifar_resumes_exactly_after_sigint(tmp_path, cifar_dir):
+  """C10+: the device's random crops and flips replay exactly after a resume mid-epoch."""
+  args = ['--config=configs/cifar.py:densenet40_k12,c10+,quick', '--config.model.growth_rate=4',
+          '--config.batch_size=8', '--config.eval_batch_size=10', '--config.log_every_steps=1',
+          '--config.num_epochs=2', '--config.lr_decay_epochs=(1.5,)',
+          f'--config.data_dir={cifar_dir}']
+  assert_stopped_mid_epoch_resumes_exactly(tmp_path, args, signal.SIGINT, signal_at=7,
+                                           steps_per_epoch=12)
 
 
 @pytest.fixture(scope='module')
@@ -361,18 +369,5 @@ def test_augmented_imagenet_resumes_exactly_after_sigterm(tmp_path, imagenet_dir
           '--config.model.growth_rate=4', '--config.batch_size=4', '--config.eval_batch_size=6',
           '--config.log_every_steps=1', '--config.num_epochs=2', '--config.lr_decay_epochs=(1,)',
           f'--config.data_dir={imagenet_dir}']
-  reference = concurrent.futures.ThreadPoolExecutor(1).submit(
-      main_runs.finish, main_runs.start([*args, f'--workdir={tmp_path / "reference"}'], 2))
-  status, log = main_runs.finish(main_runs.start([*args, f'--workdir={tmp_path / "run"}'], 2),
-                                 signal_at=4, signum=signal.SIGTERM)
-  assert status == 128 + signal.SIGTERM, log[-3000:]
-  stopped = stopped_step(log, 'SIGTERM')
-  assert stopped % 3, 'stopped at an epoch end: the test wants a mid-epoch resume'
-  status, log = main_runs.finish(main_runs.start([*args, f'--workdir={tmp_path / "run"}'], 2))
-  assert status == 0 and f'Resumed from step {stopped} ' in log, log[-3000:]
-  status, log = reference.result()
-  assert status == 0, log[-3000:]
-  _, state, record = main_runs.last_checkpoint(str(tmp_path / 'run'))
-  _, ref_state, ref_record = main_runs.last_checkpoint(str(tmp_path / 'reference'))
-  main_runs.assert_bitwise_equal(state, ref_state)
-  assert without_speed(record) == without_speed(ref_record)
+  assert_stopped_mid_epoch_resumes_exactly(tmp_path, args, signal.SIGTERM, signal_at=4,
+                                           steps_per_epoch=3)

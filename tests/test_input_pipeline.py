@@ -319,4 +319,4 @@ def test_digits_prepares_offline_with_a_stratified_split(tmp_path):
   info = ip.dataset_info('digits', data_dir, image_size=32)
   assert info.image_shape == (32, 32, 1)
   assert ip.device_transform(info, train=True) == augment.DeviceTransform(
-      16.0, (0.0,), (1.0,), translate=1, resize=32)
+      16.0, (0.0,), (1.0,), resize=32)  # the shifts are the host's

@@ -3,6 +3,7 @@ and against the float path it replaced (kept below as the oracle, as it was befo
 the host as uint8)."""
 
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -19,6 +20,25 @@ def keys(n, salt=0):
 @pytest.fixture(scope='module')
 def photo():
   return sample_photos()[0]  # china.jpg, 427 x 640
+
+
+def find_window(out, padded, size):
+  """Offsets (y, x) of `out` among the size x size windows of `padded`."""
+  return [(y, x) for y, x in itertools.product(range(padded.shape[0] - size + 1), repeat=2)
+          if np.array_equal(out, padded[y:y + size, x:x + size])]
+
+
+def test_digits_shift_moves_by_at_most_one_pixel_without_flips():
+  image = np.random.default_rng(2).integers(1, 17, size=(8, 8, 1), dtype=np.uint8)
+  padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
+  offsets = []
+  for k in keys(90):
+    out = pp.digits_shift(image, k).numpy()
+    assert out.dtype == np.uint8
+    found = find_window(out, padded, 8)
+    assert len(found) == 1
+    offsets.append(found[0])
+  assert set(offsets) == set(itertools.product(range(3), repeat=2))  # and no mirror
 
 
 def test_crop_window_follows_the_random_sized_crop_rules():
