@@ -33,9 +33,9 @@ training set; each process reads only the tfds slice that holds its share.
 
 Determinism. The order of an epoch is a shuffle seeded by (seed, epoch) of the process's share
 (the whole share, except ImageNet: a buffer of IMAGENET_SHUFFLE_BUFFER examples), and every
-random augmentation is drawn from (seed, epoch, example index): the host's ImageNet crop from
-a stateless TF key, the device's draws from a JAX key. Each epoch keeps its
-first num_train // global_batch_size batches. A run started at `start_step` skips the examples
+random augmentation is drawn from (seed, epoch, example index): the host's (ImageNet's crop, the
+digits' shifts) from a stateless TF key, the device's from a JAX key. Each epoch keeps its first
+num_train // global_batch_size batches. A run started at `start_step` skips the examples
 of the earlier steps of its epoch before decoding them, so it yields the batches an
 uninterrupted run yields (resuming mid-epoch reads, without decoding, the skipped examples).
 
@@ -335,9 +335,9 @@ def example_preprocessor(name: str, *, train: bool, seed: int = 0, augment: bool
   the example's `epoch` and `index`, which the device draws its augmentation from).
 
   cifar, svhn_cropped: the decoded image; digits: the decoded image, shifted by up to a pixel
-  when augmented; imagenet2012: fb.resnet.torch's random-sized
-  crop at 224, or the evaluation resize + center crop (or 10 crops); folders: config.folder's
-  crop or eval view (preprocessing.folder_train / folder_eval). The rest is `device_transform`'s.
+  when augmented; imagenet2012: fb.resnet.torch's random-sized crop at 224, or the evaluation
+  resize + center crop (or 10 crops); folders: config.folder's crop or eval view
+  (preprocessing.folder_train / folder_eval). The rest is `device_transform`'s.
   """
   augment = train and augment
   config_validation.check_dataset_options(name, augment=augment, image_size=image_size,
