@@ -4,9 +4,7 @@ The host pipeline sends uint8 images (4x fewer bytes than float32) with each tra
 epoch and index; `apply` scales and normalizes them and, for training, draws each example's
 random shift, flip, color jitter and PCA lighting from the key (seed, epoch, index) alone: not
 from its position in the batch, its device or the number of processes, so a resumed run draws
-what an uninterrupted one draws. An example's draws are one block of NUM_UNIFORMS uniforms from
-its key, turned into each law by hand: one threefry call an example keeps the step's compile
-time (on CPU, ~1 s per call site) small. Pure JAX (no TensorFlow): the benchmark and a GPU machine
+what an uninterrupted one draws. Pure JAX (no TensorFlow): the benchmark and a GPU machine
 without TensorFlow use it as the training loop does. Constants and their sources:
 docs/reference.md.
 """
@@ -25,9 +23,6 @@ PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
 LIGHTING_STD = 0.1
 JITTER = 0.4  # brightness, contrast and saturation alike
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
-# Where each draw sits in an example's block of uniforms.
-SHIFT, FLIP, ALPHAS, ORDER, LIGHTING = slice(0, 2), 2, slice(3, 6), slice(6, 9), slice(9, 12)
-NUM_UNIFORMS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,39 +51,35 @@ class DeviceTransform:
     return dataclasses.replace(self, translate=0, flip=False, photometric=False)
 
 
-def example_uniforms(seed: int, epoch: jax.Array, index: jax.Array) -> jax.Array:
-  """[batch, NUM_UNIFORMS] uniforms in [0, 1) per example: a function of (seed, epoch, index)
-  only (the key fold_in(fold_in(key(seed), epoch), index))."""
+def example_keys(seed: int, epoch: jax.Array, index: jax.Array) -> jax.Array:
+  """One key per example: a function of (seed, epoch, index) only."""
   base = jax.random.key(seed)
-
-  def draws(e, i):
-    return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(base, e), i),
-                              [NUM_UNIFORMS])
-  return jax.vmap(draws)(epoch.astype(jnp.uint32), index.astype(jnp.uint32))
+  return jax.vmap(lambda e, i: jax.random.fold_in(jax.random.fold_in(base, e), i))(
+      epoch.astype(jnp.uint32), index.astype(jnp.uint32))
 
 
-def translate(image: jax.Array, pad: int, fill, u: jax.Array) -> jax.Array:
+def translate(image: jax.Array, pad: int, fill, key: jax.Array) -> jax.Array:
   """Pads `pad` pixels of `fill` on each side and crops the original size back at an offset
-  (y, x) uniform in [0, 2 * pad] (floor of uniforms u [2] times 2 * pad + 1): the paper's random
-  shift."""
+  (y, x) uniform in [0, 2 * pad]: the paper's random shift."""
   height, width, channels = image.shape
   padded = jnp.broadcast_to(jnp.asarray(fill, image.dtype),
                             (height + 2 * pad, width + 2 * pad, channels))
   padded = padded.at[pad:pad + height, pad:pad + width].set(image)
-  y, x = jnp.minimum(jnp.floor(u * (2 * pad + 1)).astype(jnp.int32), 2 * pad)
-  return jax.lax.dynamic_slice(padded, (y, x, 0), (height, width, channels))
+  y, x = jax.random.randint(key, [2], 0, 2 * pad + 1)
+  return jax.lax.dynamic_slice(padded, (y, x, jnp.zeros_like(y)), (height, width, channels))
 
 
-def random_flip(image: jax.Array, u: jax.Array) -> jax.Array:
-  """Mirrors the image left-right when the uniform u < 0.5."""
-  return jnp.where(u < 0.5, image[:, ::-1], image)
+def random_flip(image: jax.Array, key: jax.Array) -> jax.Array:
+  """Mirrors the image left-right with probability 0.5."""
+  return jnp.where(jax.random.uniform(key) < 0.5, image[:, ::-1], image)
 
 
-def jitter_params(u: jax.Array):
-  """From 6 uniforms: blend factors 1 + U(-JITTER, JITTER) for (brightness, contrast,
-  saturation) and a uniformly random order of the three transforms."""
-  alphas = 1.0 + JITTER * (2 * u[:3] - 1)
-  return alphas, jnp.argsort(u[3:])
+def jitter_params(key: jax.Array):
+  """Blend factors 1 + U(-JITTER, JITTER) for (brightness, contrast, saturation) and a uniformly
+  random order of the three transforms."""
+  alpha_key, order_key = jax.random.split(key)
+  alphas = 1.0 + jax.random.uniform(alpha_key, [3], minval=-JITTER, maxval=JITTER)
+  return alphas, jnp.argsort(jax.random.uniform(order_key, [3]))
 
 
 def grayscale(image: jax.Array) -> jax.Array:
@@ -108,11 +99,8 @@ def color_jitter(image: jax.Array, alphas: jax.Array, order: jax.Array) -> jax.A
   return image
 
 
-def lighting_alpha(u: jax.Array) -> jax.Array:
-  """N(0, LIGHTING_STD) per component from 3 uniforms (the inverse normal CDF; u is kept off
-  0, where it is -inf)."""
-  tiny = jnp.finfo(jnp.float32).tiny
-  return LIGHTING_STD * jax.scipy.special.ndtri(jnp.clip(u, tiny, 1 - 2**-24))
+def lighting_alpha(key: jax.Array) -> jax.Array:
+  return LIGHTING_STD * jax.random.normal(key, [3])
 
 
 def lighting(image: jax.Array, alpha: jax.Array) -> jax.Array:
@@ -120,14 +108,15 @@ def lighting(image: jax.Array, alpha: jax.Array) -> jax.Array:
   return image + jnp.asarray(PCA_EIGVEC) @ (alpha * jnp.asarray(PCA_EIGVAL))
 
 
-def _augment_one(transform: DeviceTransform, image: jax.Array, u: jax.Array) -> jax.Array:
+def _augment_one(transform: DeviceTransform, image: jax.Array, key: jax.Array) -> jax.Array:
+  shift_key, flip_key, jitter_key, lighting_key = jax.random.split(key, 4)
   if transform.translate:
-    image = translate(image, transform.translate, transform.fill, u[SHIFT])
+    image = translate(image, transform.translate, transform.fill, shift_key)
   if transform.flip:
-    image = random_flip(image, u[FLIP])
+    image = random_flip(image, flip_key)
   if transform.photometric:
-    jitter = jitter_params(jnp.concatenate([u[ALPHAS], u[ORDER]]))
-    image = lighting(color_jitter(image, *jitter), lighting_alpha(u[LIGHTING]))
+    image = lighting(color_jitter(image, *jitter_params(jitter_key)),
+                     lighting_alpha(lighting_key))
   return image
 
 
@@ -139,8 +128,8 @@ def apply(transform: DeviceTransform, images: jax.Array, epoch: Optional[jax.Arr
   if transform.is_random:
     if epoch is None or index is None:
       raise ValueError('a random DeviceTransform needs the batch\'s epoch and index')
-    uniforms = example_uniforms(transform.seed, epoch, index)
-    images = jax.vmap(lambda image, u: _augment_one(transform, image, u))(images, uniforms)
+    keys = example_keys(transform.seed, epoch, index)
+    images = jax.vmap(lambda image, key: _augment_one(transform, image, key))(images, keys)
   images = (images - jnp.asarray(transform.mean, jnp.float32)) / jnp.asarray(transform.std,
                                                                              jnp.float32)
   if transform.resize is not None:

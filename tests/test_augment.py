@@ -61,6 +61,10 @@ def patch():
   return sample_photos()[0][100:148, 200:264].astype(np.float32) / 255
 
 
+def keys(n, salt=0):
+  return [jax.random.fold_in(jax.random.key(salt), i) for i in range(n)]
+
+
 @pytest.mark.parametrize('order', list(itertools.permutations(range(3))))
 def test_color_jitter_equals_the_tf_version_and_the_hand_computation(patch, order):
   alphas = np.array([0.7, 1.3, 1.15], np.float32)
@@ -82,10 +86,7 @@ def test_lighting_equals_the_tf_version_and_the_hand_computation(patch):
 
 def test_parameter_draws_follow_the_laws():
   n = 3000
-  uniforms = augment.example_uniforms(0, jnp.zeros(n, jnp.int32), jnp.arange(n))
-  assert uniforms.shape == (n, augment.NUM_UNIFORMS)
-  jitter = jax.vmap(augment.jitter_params)(
-      jnp.concatenate([uniforms[:, augment.ALPHAS], uniforms[:, augment.ORDER]], 1))
+  jitter = jax.vmap(augment.jitter_params)(jax.random.split(jax.random.key(0), n))
   alphas, orders = np.asarray(jitter[0]), np.asarray(jitter[1])
   # U(0.6, 1.4): mean 1, std 0.8 / sqrt(12) = 0.231; bounds are 4 standard errors.
   assert 0.6 <= alphas.min() and alphas.max() <= 1.4
@@ -95,15 +96,12 @@ def test_parameter_draws_follow_the_laws():
   for o in orders:
     counts[tuple(o)] += 1
   assert min(counts.values()) > n / 6 - 4 * np.sqrt(n / 6)  # each order ~1/6
-  lighting = np.asarray(jax.vmap(augment.lighting_alpha)(uniforms[:, augment.LIGHTING]))
+  lighting = np.asarray(jax.vmap(augment.lighting_alpha)(jax.random.split(jax.random.key(1),
+                                                                          n)))
   assert abs(lighting.std() - 0.1) < 0.004 and abs(lighting.mean()) < 4 * 0.1 / np.sqrt(3 * n)
   # Normal tails: P(|z| > 2 sigma) = 0.0455 (binomial bounds of 4 standard errors).
   tail = np.mean(np.abs(lighting) > 0.2)
   assert abs(tail - 0.0455) < 4 * np.sqrt(0.0455 * 0.9545 / lighting.size)
-  np.testing.assert_array_equal(  # another seed, epoch or index: other draws
-      [np.array_equal(augment.example_uniforms(*args), uniforms[:2]) for args in (
-          (1, jnp.zeros(2, jnp.int32), jnp.arange(2)), (0, jnp.ones(2, jnp.int32), jnp.arange(2)),
-          (0, jnp.zeros(2, jnp.int32), jnp.arange(1, 3)))], False)
 
 
 def find_window(out, padded, size, mirror):
@@ -123,9 +121,10 @@ def test_translate_crops_the_padded_image_at_uniform_offsets_and_flip_mirrors():
   padded = np.broadcast_to(np.array(fill, np.float32), (20, 20, 3)).copy()
   padded[4:16, 4:16] = image
   offsets = []
-  for u in np.asarray(augment.example_uniforms(5, jnp.zeros(300, jnp.int32), jnp.arange(300))):
+  for key in keys(300):
+    shift_key, flip_key = jax.random.split(key)
     out = np.asarray(augment.random_flip(augment.translate(jnp.asarray(image), 4, fill,
-                                                           u[augment.SHIFT]), u[augment.FLIP]))
+                                                           shift_key), flip_key))
     found = find_window(out, padded, 12, mirror=True)
     assert len(found) == 1, found
     offsets.append(found[0])
