@@ -18,13 +18,14 @@ not quadratically, with depth. Parameters, outputs, gradients and BN statistics 
 import dataclasses
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from densenet_jax import architectures
+from densenet_jax import architectures, shared_block
 
 ModuleDef = Any
 
@@ -37,6 +38,13 @@ conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
+ACTIVATION = 'activation'  # checkpoint_name of a unit's ReLU output
+
+
+def _is_reduction(prim) -> bool:
+  return prim.name in ('reduce_sum', 'psum', 'psum_invariant')
+
+
 def save_only_reductions(prim, *_, **__) -> bool:
   """Remat policy of the memory-efficient mode: save the per-channel sums of BN, nothing else.
 
@@ -45,9 +53,23 @@ def save_only_reductions(prim, *_, **__) -> bool:
   concatenation once more per unit and, with `axis_name`, repeat BN's cross-device all-reduce in
   the backward pass, as `nothing_saveable` does.
   """
-  return prim.name in ('reduce_sum', 'psum', 'psum_invariant')
+  return _is_reduction(prim)
 
 
+def save_activations(prim, *_, **params) -> bool:
+  """Remat policy of the plain mode: BN's sums and each unit's ReLU output (its conv's input).
+
+  What PyTorch's autograd keeps of BN-ReLU-Conv less its copy of BN's input: BN's backward
+  recomputes the normalized input elementwise (as PyTorch's BN backward does) from the unit's
+  input, which the graph keeps anyway. Nothing costly is recomputed; without a policy JAX
+  keeps x^2, x - mean, the ReLU output and its mask per unit, about twice PyTorch's bytes.
+  """
+  return _is_reduction(prim) or (prim.name == 'name' and params.get('name') == ACTIVATION)
+
+
+IMPLEMENTATIONS = ('shared', 'concat')
+# What the shared block keeps for its backward pass, by memory_efficient (shared_block.KEEP).
+SHARED_KEEP = {False: 'activations', True: 'nothing'}
 COMPUTE_DTYPES = {name: jnp.dtype(name) for name in architectures.COMPUTE_DTYPES}
 
 
@@ -96,12 +118,13 @@ class BNReLUConv(nn.Module):
   @nn.compact
   def __call__(self, inputs: Sequence[jax.Array]) -> jax.Array:
     x = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs, axis=-1)
-    x = nn.relu(self.norm(name='norm')(x))
+    x = checkpoint_name(nn.relu(self.norm(name='norm')(x)), ACTIVATION)
     pad = (self.kernel_size - 1) // 2
     x = self.conv(self.features, (self.kernel_size, self.kernel_size),
                   padding=((pad, pad), (pad, pad)), name='conv')(x)
-    if self.dropout_rate > 0:
-      x = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(x)
+    if self.dropout_rate > 0 and not self.deterministic:
+      # The unit's own key (not Dropout's), so that SharedDenseBlock draws the same masks.
+      x = nn.Dropout(self.dropout_rate, deterministic=False)(x, rng=self.make_rng('dropout'))
     return x
 
 
@@ -145,6 +168,111 @@ class DenseBlock(nn.Module):
     return features
 
 
+class BNVariables(nn.Module):
+  """nn.BatchNorm's variables (scale, bias; running mean, var) without its computation."""
+  features: int
+  param_dtype: Any
+
+  def setup(self):
+    shape = (self.features,)
+    self.mean = self.variable('batch_stats', 'mean', jnp.zeros, shape, self.param_dtype)
+    self.var = self.variable('batch_stats', 'var', jnp.ones, shape, self.param_dtype)
+    self.scale = self.param('scale', nn.initializers.ones, shape, self.param_dtype)
+    self.bias = self.param('bias', nn.initializers.zeros, shape, self.param_dtype)
+
+  def update(self, moments):
+    """nn.BatchNorm's running averages, from the batch moments (mean of x, mean of x^2)."""
+    self.mean.value = BN_MOMENTUM * self.mean.value + (1 - BN_MOMENTUM) * moments[0]
+    self.var.value = (BN_MOMENTUM * self.var.value
+                      + (1 - BN_MOMENTUM) * shared_block.variance(moments))
+
+
+class KernelVariable(nn.Module):
+  """A bias-free convolution's kernel (HWIO), initialized as the module implementation's."""
+  shape: Tuple[int, ...]
+  param_dtype: Any
+
+  def setup(self):
+    self.kernel = self.param('kernel', conv_init, self.shape, self.param_dtype)
+
+
+class UnitVariables(nn.Module):
+  """The variables (and dropout key) of one BNReLUConv, at the same path, for SharedDenseBlock."""
+  in_features: int
+  features: int
+  kernel_size: int
+  param_dtype: Any
+
+  def setup(self):
+    self.norm = BNVariables(self.in_features, self.param_dtype)
+    shape = (self.kernel_size, self.kernel_size, self.in_features, self.features)
+    self.conv = KernelVariable(shape, self.param_dtype)
+
+  def __call__(self, dropout: bool):
+    """((scale, bias, kernel), (running mean, var), dropout key data or None)."""
+    key = jax.random.key_data(self.make_rng('dropout')) if dropout else None
+    return ((self.norm.scale, self.norm.bias, self.conv.kernel),
+            (self.norm.mean.value, self.norm.var.value), key)
+
+
+class LayerVariables(nn.Module):
+  """H_l's variables: [bottleneck,] composite, named as DenseLayer's units."""
+  in_features: int
+  growth_rate: int
+  with_bottleneck: bool
+  param_dtype: Any
+
+  def setup(self):
+    k, dtype = self.growth_rate, self.param_dtype
+    if self.with_bottleneck:
+      self.bottleneck = UnitVariables(self.in_features, 4 * k, 1, dtype)
+    width = 4 * k if self.with_bottleneck else self.in_features
+    self.composite = UnitVariables(width, k, 3, dtype)
+
+  def units(self) -> tuple:
+    return ((self.bottleneck,) if self.with_bottleneck else ()) + (self.composite,)
+
+  def __call__(self, dropout: bool):
+    """Per unit: (scale, bias, kernel), (running mean, var), dropout key data or None."""
+    return tuple(zip(*(unit(dropout) for unit in self.units())))
+
+  def update(self, moments):
+    for unit, unit_moments in zip(self.units(), moments):
+      unit.norm.update(unit_moments)
+
+
+class SharedDenseBlock(nn.Module):
+  """DenseBlock on one shared feature buffer (`shared_block`): the same variables, outputs,
+  gradients and statistics, without concatenations. Returns [buffer], the block's output."""
+  num_layers: int
+  growth_rate: int
+  bottleneck: bool
+  dtype: str
+  param_dtype: Any
+  keep: str
+  dropout_rate: float = 0.0
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> list:
+    layers = [LayerVariables(x.shape[-1] + i * self.growth_rate, self.growth_rate,
+                             self.bottleneck, self.param_dtype, name=f'layer{i + 1}')
+              for i in range(self.num_layers)]
+    params, statistics, keys = zip(*(layer(train and self.dropout_rate > 0) for layer in layers))
+    spec = shared_block.BlockSpec(
+        self.num_layers, self.growth_rate, self.bottleneck, BN_EPSILON, self.dtype,
+        'float64' if self.param_dtype == jnp.float64 else 'float32',
+        axis_name=None if self.is_initializing() else self.axis_name,
+        dropout_rate=self.dropout_rate if train else 0.0, keep=self.keep)
+    if not train:
+      return [shared_block.forward(spec, x, params, keys, statistics)[0]]
+    buffer, moments = shared_block.train_block(spec, x, params, keys)
+    if not self.is_initializing():
+      for layer, layer_moments in zip(layers, moments):
+        layer.update(layer_moments)
+    return [buffer]
+
+
 class DenseNet(nn.Module):
   """A DenseNet of any variant: basic, -B (bottleneck), -C (compression < 1) and -BC.
 
@@ -162,7 +290,12 @@ class DenseNet(nn.Module):
     dtype: compute dtype, 'float32' or 'bfloat16'; parameters and BN statistics stay float32.
       'float64' (parameters in float64 too; needs jax_enable_x64) is a numerical reference for
       tests and experiments: the same computation with rounding ~1e9 times smaller.
-    memory_efficient: recompute concat-BN-ReLU-conv in the backward pass (same outputs).
+    memory_efficient: keep less for the backward pass and recompute BN-ReLU (and the
+      bottleneck's 1x1 conv) there instead (same outputs, gradients and statistics).
+    implementation: 'shared', dense blocks on one shared feature buffer with their own
+      backward pass (`shared_block`: no concatenation is ever copied), or 'concat', the module
+      implementation (DenseBlock: each unit concatenates its inputs; under nn.remat). Same
+      variables and, up to rounding, the same numbers.
     axis_name: if set, BatchNorm averages batch statistics over this pmap axis in training.
   """
   block_sizes: Sequence[int]
@@ -175,9 +308,13 @@ class DenseNet(nn.Module):
   num_classes: int = 10
   dtype: str = 'float32'
   memory_efficient: bool = False
+  implementation: str = 'shared'
   axis_name: Optional[str] = None
 
   def __post_init__(self):
+    if self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(f'implementation={self.implementation!r}: allowed values are '
+                       f'{", ".join(IMPLEMENTATIONS)}')
     architectures.validate_hyperparameters(
         block_sizes=self.block_sizes, growth_rate=self.growth_rate, compression=self.compression,
         stem=self.stem, stem_features=self.stem_features, dropout_rate=self.dropout_rate,
@@ -205,10 +342,9 @@ class DenseNet(nn.Module):
                              axis_name=self.axis_name)
     conv = functools.partial(Conv1x1AsMatmul, use_bias=False, kernel_init=conv_init, dtype=dtype,
                              param_dtype=param_dtype)
-    unit_cls = (nn.remat(BNReLUConv, policy=save_only_reductions)
-                if self.memory_efficient else BNReLUConv)
-    unit = functools.partial(unit_cls, norm=norm, conv=conv, dropout_rate=self.dropout_rate,
-                             deterministic=not train)
+    policy = save_only_reductions if self.memory_efficient else save_activations
+    unit = functools.partial(nn.remat(BNReLUConv, policy=policy), norm=norm, conv=conv,
+                             dropout_rate=self.dropout_rate, deterministic=not train)
 
     x = x.astype(dtype)
     stem_width = self.num_stem_features
@@ -221,8 +357,14 @@ class DenseNet(nn.Module):
 
     channels = stem_width
     for i, num_layers in enumerate(self.block_sizes):
-      block = DenseBlock(num_layers, self.growth_rate, self.bottleneck, unit, name=f'block{i + 1}')
-      features = block(x)
+      if self.implementation == 'shared':
+        features = SharedDenseBlock(
+            num_layers, self.growth_rate, self.bottleneck, self.dtype, param_dtype,
+            keep=SHARED_KEEP[self.memory_efficient], dropout_rate=self.dropout_rate,
+            axis_name=self.axis_name, name=f'block{i + 1}')(x, train)
+      else:
+        features = DenseBlock(num_layers, self.growth_rate, self.bottleneck, unit,
+                              name=f'block{i + 1}')(x)
       channels += num_layers * self.growth_rate
       if i + 1 < len(self.block_sizes):
         channels = int(math.floor(self.compression * channels))
