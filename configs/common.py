@@ -26,7 +26,8 @@ def model_config(*, growth_rate, stem='cifar', depth=None, block_sizes=None, bot
   model.compression = compression
   model.dropout_rate = dropout_rate
   model.dtype = 'float32'  # compute dtype; 'bfloat16' for mixed precision
-  model.memory_efficient = False  # recompute concat/BN/ReLU/conv in the backward pass
+  model.memory_efficient = False  # keep less for the backward pass, recompute BN-ReLU there
+  model.implementation = 'shared'  # dense blocks on one buffer; 'concat': the module version
   return model
 
 

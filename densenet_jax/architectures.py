@@ -14,6 +14,9 @@ from typing import Optional
 STEMS = ('cifar', 'imagenet')
 NATIVE_IMAGE_SIZE = {'cifar': 32, 'imagenet': 224}  # the input size each stem was defined for
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float64')  # float64: a numerical reference, see models
+# How models.DenseNet computes its dense blocks (same numbers): one shared buffer, or modules that
+# concatenate their inputs.
+IMPLEMENTATIONS = ('shared', 'concat')
 # A network is given by these config.model fields (depth: three equal CIFAR/SVHN blocks).
 FIELDS = ('stem', 'depth', 'block_sizes', 'growth_rate', 'bottleneck', 'compression')
 

@@ -15,7 +15,7 @@ import ml_collections
 from densenet_jax import architectures, datasets, folder_listing, weights
 
 # The DenseNet options that config.model may set besides its architecture fields.
-MODEL_OPTIONS = ('dropout_rate', 'dtype', 'memory_efficient')
+MODEL_OPTIONS = ('dropout_rate', 'dtype', 'implementation', 'memory_efficient')
 
 
 class ConfigError(ValueError):
@@ -70,6 +70,9 @@ def check_model(model: ml_collections.ConfigDict):
           'jax_enable_x64); training runs take float32 or bfloat16')
   if not isinstance(model.memory_efficient, bool):
     _fail('model.memory_efficient', model.memory_efficient, 'must be True or False')
+  if model.implementation not in architectures.IMPLEMENTATIONS:
+    _fail('model.implementation', model.implementation,
+          f'allowed values are {", ".join(architectures.IMPLEMENTATIONS)}')
 
 
 def check_dataset_options(dataset: str, *, augment: bool = False, holdout_validation: bool = False,

@@ -9,10 +9,16 @@ channel concatenation of its inputs (`BNReLUConv`):
 
 Layer order, init, BN constants and paddings follow the authors' code (docs/reference.md); the
 named networks are `architectures.NAMED`, and their sizes and costs are in `costs`.
-With `memory_efficient=True` each unit runs under `nn.remat`: its concatenation, BN and ReLU are
-recomputed in the backward pass, so the backward pass keeps only the conv outputs (k channels per
-layer, plus the 4k-channel bottleneck output in -B models) and activation memory grows linearly,
-not quadratically, with depth. Parameters, outputs, gradients and BN statistics are unchanged.
+Dense blocks have two implementations with the same variables and, up to rounding, the same
+numbers. 'shared' (the default, `SharedDenseBlock` over `shared_block`) writes every layer's k new
+channels into one preallocated buffer per block and has its own backward pass, so no
+concatenation is ever copied, forward or backward. 'concat' (`DenseBlock`, the reference that
+reads as the paper) concatenates each unit's inputs. Either saves for the backward pass only
+what PyTorch's autograd would save or less: in plain mode BN's sums and each unit's ReLU output;
+with `memory_efficient=True` only each layer's conv output (k channels; with 'concat' also the
+4k-channel bottleneck output) and BN's sums, recomputing BN-ReLU (and with 'shared' the
+bottleneck's 1x1 conv) in the backward pass, so that activation memory grows linearly, not
+quadratically, with depth.
 """
 
 import dataclasses
@@ -67,7 +73,6 @@ def save_activations(prim, *_, **params) -> bool:
   return _is_reduction(prim) or (prim.name == 'name' and params.get('name') == ACTIVATION)
 
 
-IMPLEMENTATIONS = ('shared', 'concat')
 # What the shared block keeps for its backward pass, by memory_efficient (shared_block.KEEP).
 SHARED_KEEP = {False: 'activations', True: 'nothing'}
 COMPUTE_DTYPES = {name: jnp.dtype(name) for name in architectures.COMPUTE_DTYPES}
@@ -312,9 +317,9 @@ class DenseNet(nn.Module):
   axis_name: Optional[str] = None
 
   def __post_init__(self):
-    if self.implementation not in IMPLEMENTATIONS:
+    if self.implementation not in architectures.IMPLEMENTATIONS:
       raise ValueError(f'implementation={self.implementation!r}: allowed values are '
-                       f'{", ".join(IMPLEMENTATIONS)}')
+                       f'{", ".join(architectures.IMPLEMENTATIONS)}')
     architectures.validate_hyperparameters(
         block_sizes=self.block_sizes, growth_rate=self.growth_rate, compression=self.compression,
         stem=self.stem, stem_features=self.stem_features, dropout_rate=self.dropout_rate,

@@ -177,7 +177,10 @@ def _train_block_bwd(spec, residuals, cotangents):
   grad_params = [None] * spec.num_layers
   for layer in reversed(range(spec.num_layers)):
     c = spec.channels_in(c0, layer)
-    x = buffer[..., :c]
+    # The barrier makes this layer's recomputation wait for the later layers' gradients, so
+    # that XLA cannot hoist every layer's recomputation to the start of the backward pass
+    # (where all of them would be live at once).
+    x, grad_buffer = lax.optimization_barrier((buffer[..., :c], grad_buffer))
     grad_x, grad_params[layer] = _layer_backward(
         spec, x, params[layer], moments[layer], kept[layer], keys[layer],
         grad_buffer[..., c:c + spec.growth_rate])

@@ -7,6 +7,8 @@ take the input pipeline's uint8 batches and make the model's input with an
 batch's images are the model's input as they are.
 """
 
+import ctypes
+import ctypes.util
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -29,6 +31,25 @@ def compiler_options(platform: str) -> dict:
   on CPU as it is on GPU and TPU, which keep them. A step without barriers compiles as before.
   """
   return {'xla_disable_hlo_passes': 'cse_barrier_expander'} if platform == 'cpu' else {}
+
+
+def release_freed_heap() -> bool:
+  """Hands the heap memory the process has freed back to the OS (glibc's malloc_trim).
+
+  Call it after compiling. XLA's compiler allocates and frees some GB of small objects for a
+  deep DenseNet, and glibc keeps freed pages mapped, so without this the process holds them as
+  long as it runs: DenseNet-BC-100 at batch 64 on 2 CPU cores holds 2,109 MiB after compiling
+  and 844 MiB after this (docs/performance.md). False where there is no glibc (nothing done).
+  """
+  name = ctypes.util.find_library('c')
+  try:
+    trim = ctypes.CDLL(name).malloc_trim if name else None
+  except (OSError, AttributeError):
+    trim = None
+  if trim is None:
+    return False
+  trim(0)
+  return True
 
 
 def learning_rate_schedule(base_lr: float, steps_per_epoch: int,

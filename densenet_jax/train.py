@@ -256,7 +256,9 @@ def _compile_train_step(config, learning_rate_fn, info, p_state, batch) -> Calla
   options = steps.compiler_options(jax.default_backend())
   if not options or jax.process_count() > 1:
     return p_train_step
-  return p_train_step.lower(p_state, batch).compile(options)
+  compiled = p_train_step.lower(p_state, batch).compile(options)
+  steps.release_freed_heap()
+  return compiled
 
 
 # ---------------------------------------------------------------------------------------------

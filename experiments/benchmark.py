@@ -53,6 +53,8 @@ def parse_args(argv=None):
   p.add_argument('--depth', type=int, help='override the depth L of a CIFAR model')
   p.add_argument('--growth-rate', type=int, help='override the growth rate k')
   p.add_argument('--modes', default=','.join(MODES), help=f'comma-separated: {MODES}')
+  p.add_argument('--implementations', default='shared',
+                 help='comma-separated (JAX cases): shared, concat')
   p.add_argument('--dtypes', default=','.join(DTYPES), help=f'comma-separated: {DTYPES}')
   p.add_argument('--inputs', default='uint8', help=f'comma-separated (JAX cases): {INPUTS}')
   p.add_argument('--steps', type=int, default=5, help='timed steps per case; 0: compile only')
@@ -73,7 +75,8 @@ def parse_args(argv=None):
   from densenet_jax import architectures  # plain data: no JAX, no TensorFlow
   if args.model not in architectures.NAMED:
     p.error(f'--model {args.model!r}: allowed models are {", ".join(architectures.NAMED)}')
-  for name, allowed in (('modes', MODES), ('dtypes', DTYPES), ('inputs', INPUTS),
+  for name, allowed in (('modes', MODES), ('implementations', architectures.IMPLEMENTATIONS),
+                        ('dtypes', DTYPES), ('inputs', INPUTS),
                         ('torch_runtimes', TORCH_RUNTIMES)):
     values = getattr(args, name).split(',')
     if not set(values) <= set(allowed):
@@ -101,12 +104,25 @@ def peak_rss_reset():
     return False
 
 
-def peak_rss_bytes():
+def _status_bytes(field):
   with open('/proc/self/status') as f:
     for line in f:
-      if line.startswith('VmHWM:'):
+      if line.startswith(field):
         return int(line.split()[1]) * 1024
   return None
+
+
+def peak_rss_bytes():
+  return _status_bytes('VmHWM:')
+
+
+def rss_bytes():
+  return _status_bytes('VmRSS:')
+
+
+def tree_bytes(tree):
+  import jax
+  return sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, 'nbytes'))
 
 
 def time_steps(step, num_steps, warmup):
@@ -141,12 +157,15 @@ def jax_case(spec):
   from densenet_jax import costs, steps
 
   jax.config.update('jax_enable_compilation_cache', False)  # compile time is a figure here
+  result = {'rss_imports_bytes': rss_bytes()}
   b, size = spec['batch_size'], spec['image_size']
-  model = create_model(spec, dtype=spec['dtype'])
+  model = create_model(spec, dtype=spec['dtype'], implementation=spec['implementation'])
   lr = steps.learning_rate_schedule(0.1, 100, (50, 75))
   tx = steps.sgd_nesterov(lr, momentum=0.9, weight_decay=1e-4)
   state = steps.create_train_state(model, jax.random.key(0), (size, size, 3), tx)
   batch, transform = synthetic_batch(spec)
+  result.update(rss_state_bytes=rss_bytes(), state_bytes=tree_bytes(state),
+                batch_bytes=tree_bytes(batch))
   train_step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=lr,
                                          transform=transform, axis_name=None),
                        donate_argnums=0,
@@ -155,8 +174,11 @@ def jax_case(spec):
   lowered = train_step.lower(state, batch)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
-  result = {'lower_s': lowered_at - start, 'compile_s': time.perf_counter() - lowered_at,
-            'residual_bytes': costs.saved_activation_bytes(model, size, b)}
+  result.update(lower_s=lowered_at - start, compile_s=time.perf_counter() - lowered_at,
+                rss_compiled_bytes=rss_bytes())
+  steps.release_freed_heap()  # as train.py does after compiling
+  result.update(rss_released_bytes=rss_bytes(),
+                residual_bytes=costs.saved_activation_bytes(model, size, b))
   analysis = compiled.memory_analysis()
   if analysis is not None:
     result['xla_temp_bytes'] = analysis.temp_size_in_bytes
@@ -212,6 +234,9 @@ def torch_case(spec):
   import torch_densenet
   from densenet_jax import costs
 
+  from densenet_jax import steps
+
+  result = {'rss_imports_bytes': rss_bytes()}
   b, size = spec['batch_size'], spec['image_size']
   ours = create_model(spec)
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -224,7 +249,7 @@ def torch_case(spec):
   forward = torch.compile(model) if spec['runtime'] == 'compile' else model
   images = torch.randn(b, 3, size, size, device=device).to(memory_format=torch.channels_last)
   labels = torch.randint(0, spec['num_classes'], (b,), device=device)
-  result = {}
+  result.update(rss_state_bytes=rss_bytes(), residual_bytes=torch_saved_bytes(model, images))
 
   def step():
     optimizer.zero_grad(set_to_none=True)
@@ -237,6 +262,9 @@ def torch_case(spec):
   start = time.perf_counter()
   step()
   result['first_step_s'] = time.perf_counter() - start
+  result['rss_compiled_bytes'] = rss_bytes()
+  steps.release_freed_heap()  # the same release as the JAX cases get
+  result['rss_released_bytes'] = rss_bytes()
   if device.type == 'cpu':
     peak_rss_reset()
   else:
@@ -254,6 +282,27 @@ def torch_case(spec):
   return result
 
 
+def torch_saved_bytes(model, images):
+  """Bytes of the distinct tensors autograd saves for the backward pass of one training forward
+  pass (saved_tensors_hooks), less the parameters and the images: JAX's `residual_bytes`.
+  Under torch.utils.checkpoint (memory_efficient) it sees what the checkpoints keep."""
+  import torch
+
+  saved = {}
+
+  def pack(tensor):
+    storage = tensor.untyped_storage()
+    saved[storage.data_ptr()] = storage.nbytes()
+    return tensor
+
+  with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    model(images).sum()
+  model.zero_grad(set_to_none=True)
+  excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+  excluded.add(images.untyped_storage().data_ptr())
+  return sum(n for ptr, n in saved.items() if ptr not in excluded)
+
+
 def run_case_here(spec):
   result = jax_case(spec) if spec['framework'] == 'jax' else torch_case(spec)
   if result['step_s_all']:
@@ -267,10 +316,10 @@ def run_case_here(spec):
 # The driver: one subprocess per case, then the table.
 
 def cases(args):
-  jax_cases = [dict(framework='jax', mode=m, dtype=d, input=i, runtime='xla',
-                    xla_flags=args.xla_flags)
-               for d in args.dtypes for m in args.modes for i in args.inputs
-               if not args.torch_only]
+  jax_cases = [dict(framework='jax', mode=m, implementation=impl, dtype=d, input=i,
+                    runtime='xla', xla_flags=args.xla_flags)
+               for d in args.dtypes for m in args.modes for impl in args.implementations
+               for i in args.inputs if not args.torch_only]
   torch_cases = []
   if args.vs_torch or args.torch_only:
     torch_cases = [dict(framework='torch', mode=m, dtype=d, input='float32', runtime=r)
@@ -321,7 +370,8 @@ def table(records):
   for r in records:
     ok = 'step_s' in r
     compile_s = (r.get('lower_s', 0) + r['compile_s']) if 'compile_s' in r else None
-    cells = [r['framework'], r['mode'], r['dtype'], r.get('input', 'float32'), r['runtime'],
+    mode = r['mode'] + (f' ({r["implementation"]})' if r.get('implementation') else '')
+    cells = [r['framework'], mode, r['dtype'], r.get('input', 'float32'), r['runtime'],
              f'{1000 * r["step_s"]:,.1f}' if ok else '',
              f'{1000 * min(r["step_s_all"]):,.1f}' if ok else '',
              f'{r["cpu_s"]:,.2f}' if 'cpu_s' in r else '',
@@ -332,6 +382,30 @@ def table(records):
       hours = CIFAR_EPOCHS * CIFAR_TRAIN_IMAGES / r['images_per_s'] / 3600 if ok else None
       cells.append(f'{hours:.2f}' if hours else '')
     rows.append('| ' + ' | '.join(cells + [r['status']]) + ' |')
+  return '\n'.join(rows)
+
+
+def accounting(records):
+  """Markdown: where each case's resident memory goes (CPU), step by step of the case.
+
+  imports: the runtime (Python, the framework, XLA or ATen); state: after building the
+  parameters, optimizer state and batch (JAX's init compile included); compiled: after
+  compiling (torch: after the first step); released: after steps.release_freed_heap; the rest:
+  peak - released - XLA temporaries (what the steps hold beyond the compiled temporaries).
+  """
+  head = ['framework', 'mode', 'imports', 'state', 'compiled', 'released', 'params + opt',
+          'residuals', 'XLA temp', 'peak', 'the rest']
+  rows = ['| ' + ' | '.join(head) + ' (MiB) |', '|' + '---|' * len(head)]
+  for r in records:
+    if 'rss_imports_bytes' not in r:
+      continue
+    peak = r.get('peak_rss_bytes')
+    rest = (peak - r['rss_released_bytes'] - r.get('xla_temp_bytes', 0)
+            if peak and r.get('rss_released_bytes') else None)
+    mode = r['mode'] + (f' ({r["implementation"]})' if r.get('implementation') else '')
+    rows.append('| ' + ' | '.join([r['framework'], mode] + [mib(r.get(k)) for k in (
+        'rss_imports_bytes', 'rss_state_bytes', 'rss_compiled_bytes', 'rss_released_bytes',
+        'state_bytes', 'residual_bytes', 'xla_temp_bytes')] + [mib(peak), mib(rest)]) + ' |')
   return '\n'.join(rows)
 
 
@@ -366,6 +440,8 @@ def report(records):
     name += f' L={depth}' if depth else ''
     name += f' k={growth_rate}' if growth_rate else ''
     out.append(f'### {name}, batch {b}, {size}x{size} ({device})\n\n{table(group)}\n')
+    if any(r.get('platform') == 'cpu' for r in group):
+      out.append(f'Resident memory (CPU), as each case goes:\n\n{accounting(group)}\n')
   lines = ratios(records)
   if lines:
     out.append('our/their images/s:\n' + lines + '\n')

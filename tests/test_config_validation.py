@@ -65,7 +65,8 @@ def run_main(args, timeout=60):
      '(0, num_epochs=30)'),
     ([DIGITS, '--config.model.grwth_rate=12'],
      "--config.model.grwth_rate=12: config.model has no field 'grwth_rate'; its fields are "
-     'bottleneck, compression, depth, dropout_rate, dtype, growth_rate, memory_efficient, stem'),
+     'bottleneck, compression, depth, dropout_rate, dtype, growth_rate, implementation, '
+     'memory_efficient, stem'),
     ([DIGITS, '--config.nope=1'], "--config.nope=1: config has no field 'nope'; its fields are "),
     ([DIGITS, '--config.batch_size=abc'],
      "--config.batch_size=abc: expected int (flag --config.batch_size=abc: invalid literal for "
@@ -122,6 +123,8 @@ def test_every_paper_config_is_valid():
     ('augment', 1, 'config.augment=1: must be True or False'),
     ('batch_size', 64.0, 'config.batch_size=64.0: must be an integer >= 1'),
     ('init_from', '/nonexistent.pth', "config.init_from='/nonexistent.pth': no such file"),
+    ('model.implementation', 'buffer',
+     "config.model.implementation='buffer': allowed values are shared, concat"),
 ])
 def test_each_field_is_checked(field, value, message):
   config = ml_collections.ConfigDict(digits.get_config().to_dict(), type_safe=False)
@@ -136,6 +139,6 @@ def test_unknown_field_names_the_group_and_its_fields():
   assert config_validation.unknown_field(config, 'model.growth_rate') is None
   assert config_validation.unknown_field(config, 'model.k') == (
       "config.model has no field 'k'; its fields are bottleneck, compression, depth, "
-      'dropout_rate, dtype, growth_rate, memory_efficient, stem')
+      'dropout_rate, dtype, growth_rate, implementation, memory_efficient, stem')
   assert config_validation.unknown_field(config, 'seed.x') == (
       'config.seed is a value, not a group of fields')

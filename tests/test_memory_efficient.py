@@ -1,5 +1,6 @@
-"""Memory-efficient mode: the plain model's parameters, outputs, gradients and BN statistics,
-with residuals (what the forward pass saves for the backward pass) linear in depth."""
+"""Memory-efficient mode of the module implementation ('concat', nn.remat): the plain model's
+parameters, outputs, gradients and BN statistics, with residuals (what the forward pass saves
+for the backward pass) linear in depth. The shared-buffer implementation: test_shared_block.py."""
 
 import contextlib
 import functools
@@ -22,7 +23,8 @@ ITEMSIZE = {'f32': 4, 'bf16': 2, 'bool': 1}  # print_saved_residuals' dtype name
 
 
 def tiny(memory_efficient, **overrides):
-  return models.DenseNet(**dict(TINY, memory_efficient=memory_efficient, **overrides))
+  fields = dict(TINY, memory_efficient=memory_efficient, implementation='concat')
+  return models.DenseNet(**{**fields, **overrides})
 
 
 def images(batch=BATCH, size=SIZE):
@@ -105,7 +107,8 @@ def test_train_step_updates_statistics_once():
 
 def one_block(num_layers, memory_efficient):
   return models.DenseNet(block_sizes=(num_layers,), growth_rate=4, bottleneck=True,
-                         stem_features=8, memory_efficient=memory_efficient)
+                         stem_features=8, memory_efficient=memory_efficient,
+                         implementation='concat')
 
 
 def test_saved_activations_grow_linearly_only_in_memory_efficient_mode():
@@ -171,13 +174,14 @@ def count_primitives(jaxpr, names, counts=None):
   return counts
 
 
-def test_backward_pass_does_not_recompute_batch_statistics():
+@pytest.mark.parametrize('implementation', ['concat', 'shared'])
+def test_backward_pass_does_not_recompute_batch_statistics(implementation):
   """With cross-device BN, recomputing statistics would repeat an all-reduce per unit."""
   x = images()[None]
   variables = tiny(False).init(jax.random.key(0), x[0])
   counts = {}
   for memory_efficient in (False, True):
-    model = tiny(memory_efficient, axis_name='batch')
+    model = tiny(memory_efficient, axis_name='batch', implementation=implementation)
 
     def loss(params, x):
       logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
@@ -190,5 +194,7 @@ def test_backward_pass_does_not_recompute_batch_statistics():
     jaxpr = jax.make_jaxpr(grad)(variables['params'], x).jaxpr
     counts[memory_efficient] = count_primitives(jaxpr, ('psum', 'reduce_sum', 'concatenate'))
   assert counts[True]['psum'] == counts[False]['psum'] > 0
+  # Both modes compute each BN's sums once forward and once backward, the same number of times.
   assert counts[True]['reduce_sum'] == counts[False]['reduce_sum']
-  assert counts[True]['concatenate'] > counts[False]['concatenate']  # concat is recomputed
+  if implementation == 'concat':
+    assert counts[True]['concatenate'] > counts[False]['concatenate']  # concat is recomputed
