@@ -375,9 +375,14 @@ class DenseNet(nn.Module):
         channels = int(math.floor(self.compression * channels))
         x = Transition(channels, unit, name=f'transition{i + 1}')(features)
 
-    x = jnp.concatenate(features, axis=-1)
-    x = nn.relu(norm(name='head_norm')(x))
-    x = jnp.mean(x, axis=(1, 2))
+    def head(module, features):
+      """BN-ReLU-global average pool of the last block's output; under remat, so that its
+      backward pass recomputes BN-ReLU from the block's output (kept anyway) instead of
+      keeping four copies of it."""
+      x = jnp.concatenate(features, axis=-1)
+      return jnp.mean(nn.relu(norm(name='head_norm')(x)), axis=(1, 2))
+
+    x = nn.remat(head, policy=save_only_reductions)(self, features)
     x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dtype, param_dtype=param_dtype,
                  name='classifier')(x)
     return x.astype(param_dtype)  # float32 logits (float64 for the float64 reference)

@@ -66,6 +66,9 @@ def parse_args(argv=None):
                  help=f'comma-separated: {TORCH_RUNTIMES}')
   p.add_argument('--xla-flags', default='', help='appended to XLA_FLAGS for the JAX cases')
   p.add_argument('--timeout', type=float, default=1800, help='seconds per case')
+  p.add_argument('--residuals-by-depth', metavar='L,L,...',
+                 help='also print the residual bytes of the model at these depths L (CIFAR '
+                      'models), per mode and implementation, and per added dense layer')
   p.add_argument('--json', help='write the results here')
   p.add_argument('--report', nargs='+', metavar='JSON', help='print one table from JSON files')
   p.add_argument('--case', help=argparse.SUPPRESS)  # internal: run one case in this process
@@ -88,6 +91,13 @@ def parse_args(argv=None):
   args.image_size = (args.image_size
                      or architectures.NATIVE_IMAGE_SIZE[architectures.NAMED[args.model].stem])
   args.num_classes = args.num_classes or (1000 if args.image_size == 224 else 10)
+  if args.residuals_by_depth:
+    try:
+      args.residuals_by_depth = [int(d) for d in args.residuals_by_depth.split(',')]
+      for depth in args.residuals_by_depth:
+        architectures.cifar_block_sizes(depth, architectures.NAMED[args.model].bottleneck)
+    except ValueError as e:
+      p.error(f'--residuals-by-depth {args.residuals_by_depth!r}: {e}')
   return args
 
 
@@ -427,6 +437,45 @@ def ratios(records):
   return '\n'.join(lines)
 
 
+def residuals_by_depth(args):
+  """Markdown: residual bytes at each depth (JAX: read off the traced step, every mode and
+  implementation; torch: its saved tensors, where torch imports), and per added dense layer."""
+  columns = [('jax', m, impl) for m in args.modes for impl in args.implementations]
+  try:
+    import torch
+    import torch_densenet
+    columns += [('torch', m, None) for m in args.modes]
+  except ImportError:
+    torch = None
+  from densenet_jax import architectures, costs
+  rows = {}
+  for depth in args.residuals_by_depth:
+    spec = dict(model=args.model, num_classes=args.num_classes, depth=depth,
+                growth_rate=args.growth_rate)
+    for framework, mode, impl in columns:
+      model = create_model(dict(spec, mode=mode), implementation=impl or 'shared')
+      if framework == 'jax':
+        value = costs.saved_activation_bytes(model, args.image_size, args.batch_size)
+      else:
+        twin = torch_densenet.build(model).to(memory_format=torch.channels_last).train()
+        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size).to(
+            memory_format=torch.channels_last)
+        value = torch_saved_bytes(twin, images)
+      rows.setdefault(depth, []).append(value)
+  layers = {d: sum(architectures.cifar_block_sizes(
+      d, architectures.NAMED[args.model].bottleneck)) for d in rows}
+  names = [f'{f} {m}' + (f' ({i})' if i else '') for f, m, i in columns]
+  out = ['| depth L | dense layers | ' + ' | '.join(names) + ' (MiB) |',
+         '|' + '---|' * (len(names) + 2)]
+  depths = list(rows)
+  for d in depths:
+    out.append(f'| {d} | {layers[d]} | ' + ' | '.join(mib(v) for v in rows[d]) + ' |')
+  for a, b in zip(depths, depths[1:]):
+    slopes = [(vb - va) / (layers[b] - layers[a]) for va, vb in zip(rows[a], rows[b])]
+    out.append(f'| per layer, {a} -> {b} | | ' + ' | '.join(mib(s) for s in slopes) + ' |')
+  return '\n'.join(out)
+
+
 def model_key(r):
   return r['model'], r.get('depth'), r.get('growth_rate'), r['batch_size'], r['image_size']
 
@@ -476,6 +525,8 @@ def main(argv=None):
       records.append(run_case(spec, args.timeout))
       print(f'  {records[-1]["status"]}', file=sys.stderr, flush=True)
   print(report(records))
+  if not args.report and args.residuals_by_depth:
+    print(f'Residuals by depth, batch {args.batch_size}:\n\n{residuals_by_depth(args)}\n')
   if args.json:
     meta = dict(date=datetime.datetime.now().isoformat(timespec='seconds'),
                 host=platform.node(), cpus=os.cpu_count(), python=platform.python_version(),

@@ -128,7 +128,8 @@ def test_every_paper_config_is_valid():
 ])
 def test_each_field_is_checked(field, value, message):
   config = ml_collections.ConfigDict(digits.get_config().to_dict(), type_safe=False)
-  config[field] = value
+  group, _, name = field.rpartition('.')
+  (config[group] if group else config)[name] = value
   with pytest.raises(config_validation.ConfigError) as error:
     config_validation.validate(config, device_count=8)
   assert str(error.value).startswith(message)
