@@ -55,7 +55,7 @@ def saved_activation_bytes(model: models.DenseNet, image_size: int, batch_size: 
 
 def _multiply_adds(jaxpr) -> int:
   total = 0
-  for eqn in jaxpr.eqns:
+  for eqn in equations(jaxpr):
     if eqn.primitive.name == 'conv_general_dilated':
       rhs = eqn.invars[1].aval.shape
       spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, spatial...)
@@ -65,9 +65,24 @@ def _multiply_adds(jaxpr) -> int:
       (lhs_contract, _), _ = eqn.params['dimension_numbers']
       lhs = eqn.invars[0].aval.shape
       total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
-    for sub in _sub_jaxprs(eqn.params):
-      total += _multiply_adds(sub)
   return total
+
+
+def count_primitives(jaxpr, names) -> dict:
+  """How often each primitive of `names` occurs in a jaxpr, nested jaxprs included."""
+  counts = {}
+  for eqn in equations(jaxpr):
+    if eqn.primitive.name in names:
+      counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+  return counts
+
+
+def equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it (remat, custom_vjp, pjit ...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in _sub_jaxprs(eqn.params):
+      yield from equations(sub)
 
 
 def _sub_jaxprs(params: dict):

@@ -42,13 +42,7 @@ def test_bf16_model_computes_convolutions_in_bf16():
   x = jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 3), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
       variables, x).jaxpr
-  def equations(jaxpr):  # nested ones too (units under remat, the dense blocks' custom_vjp)
-    for eqn in jaxpr.eqns:
-      yield eqn
-      for sub in costs._sub_jaxprs(eqn.params):
-        yield from equations(sub)
-
-  convs = [e for e in equations(jaxpr)
+  convs = [e for e in costs.equations(jaxpr)  # nested ones too (remat, custom_vjp)
            if e.primitive.name in ('conv_general_dilated', 'dot_general')]
   assert len(convs) == 1 + 2 * 4 + 1 + 1  # stem, 4 bottleneck layers, transition, classifier
   assert all(v.aval.dtype == jnp.bfloat16 for e in convs for v in e.invars)

@@ -147,16 +147,6 @@ def test_cross_replica_batch_norm_under_pmap():
   assert errors['shared float64'] < 1e-12
 
 
-def count_primitives(jaxpr, names, counts=None):
-  counts = {} if counts is None else counts
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in names:
-      counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
-    for sub in costs._sub_jaxprs(eqn.params):
-      count_primitives(sub, names, counts)
-  return counts
-
-
 def train_step_jaxpr(model, x):
   variables = model.init(jax.random.key(0), x)
 
@@ -177,7 +167,7 @@ def test_no_concatenation_forward_or_backward(memory_efficient):
   forward and backward passes (the block's custom backward included), where the module
   implementation has one per unit and more."""
   x = images()
-  counts = {impl: count_primitives(
+  counts = {impl: costs.count_primitives(
       train_step_jaxpr(tiny('BC', impl, memory_efficient), x), ('concatenate',
                                                                  'dynamic_update_slice'))
             for impl in ('shared', 'concat')}
