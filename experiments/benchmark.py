@@ -1,8 +1,9 @@
 """Train-step benchmark: plain vs memory-efficient, float32 vs bfloat16, JAX vs PyTorch.
 
-For one named model, batch size and resolution, each case (mode x dtype x input, and with
---vs-torch the same step in PyTorch) runs in a fresh Python process, so that peak memory is its
-own. Inputs (JAX): `uint8`, the batches train.py feeds, with the device's normalization and
+For one named model, batch size and resolution, each case (mode x implementation x dtype x
+input, and with --vs-torch the same step in PyTorch) runs in a fresh Python process, so that
+peak memory is its own. Implementations (JAX): `shared`, the dense blocks on one buffer
+(shared_block.py, the default), `concat`, the module version. Inputs (JAX): `uint8`, the batches train.py feeds, with the device's normalization and
 augmentation in the step (ImageNet's color jitter, lighting and flip at 224x224 and above,
 CIFAR's shift and flip below); `float32`, the bare step fed normalized float32 images.
 
@@ -10,11 +11,15 @@ CIFAR's shift and flip below); `float32`, the bare step fed normalized float32 i
                best step and the median process CPU time (all threads) of a step
   compile      JAX: lowering and XLA compile of the jitted train step; torch.compile: first step
   residuals    bytes the forward pass saves for the backward pass (costs.saved_activation_bytes),
-               the same on every backend
+               the same on every backend; torch: the distinct tensors autograd saves
+               (torch_saved_bytes)
   XLA temp     temporaries of the step compiled as train.py does, with steps.compiler_options
                (compiled.memory_analysis())
   peak         GPU: the device's peak_bytes_in_use (torch: max_memory_allocated);
-               CPU: peak resident set size of the process while stepping (after compile)
+               CPU: peak resident set size of the process while stepping (after compile and
+               steps.release_freed_heap, which both frameworks get)
+  accounting   CPU: resident memory after imports, after building the state, after compiling,
+               after the release, against params + optimizer state, residuals and temporaries
 
 Synthetic data, models.py, costs.py and steps.py only: no TensorFlow, tfds, ml_collections or clu is
 imported. Prints a Markdown table (and our/their images/s ratios) and writes --json.
@@ -23,6 +28,8 @@ imported. Prints a Markdown table (and our/their images/s ratios) and writes --j
   python experiments/benchmark.py --model densenet121 --batch-size 256 --dtypes bfloat16 \\
       --vs-torch --json densenet121.json
   python experiments/benchmark.py --report a.json b.json   # one table from earlier runs
+  python experiments/benchmark.py --model densenet_bc100_k12 --steps 0 --torch-only \
+      --torch-runtimes eager --residuals-by-depth 40,70,100  # residual bytes per added layer
 """
 
 import argparse
