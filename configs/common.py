@@ -87,7 +87,9 @@ def base_config():
   # ('torchvision:densenet121', 'keras:densenet121', ...: downloaded once, see weights.py)
   config.init_from = ''
   config.ten_crop = False  # --mode=evaluate on ImageNet: 10-crop instead of center crop
-  config.eval_resize = 'bicubic'  # ImageNet eval resize; 'bilinear' for torchvision weights
+  # ImageNet eval resize, 'bicubic' or 'bilinear'; None: published weights' own (torchvision and
+  # Keras: bilinear), else bicubic (the paper's)
+  config.eval_resize = placeholder(str)
   return config
 
 

@@ -26,10 +26,12 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from densenet_jax import errors
+
 SELECTION_METRIC = 'selection_error'  # the metric that ranks checkpoints: lower is better
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint that cannot be written or read."""
 
 
@@ -124,16 +126,29 @@ class Checkpoints:
 
     Returns (state, record), or (state, None) if there is no checkpoint.
     """
+    return self._readable(lambda s: self._restore(state, s), step, state)
+
+  def restore_variables(self, variables: dict, step: Optional[int] = None):
+    """Restores only the step, params and batch_stats of `step` (default: the latest readable
+    one) into `variables` ({'params', 'batch_stats'}, arrays or shapes of the model's): what
+    evaluation and prediction need, without the optimizer's state or its library.
+
+    Returns ({'step', 'params', 'batch_stats'} as numpy arrays, record), or (None, None) if
+    there is no checkpoint.
+    """
+    return self._readable(lambda s: self._restore_variables(variables, s), step, None)
+
+  def _readable(self, restore_one, step: Optional[int], default):
     if step is not None:
       try:
-        return self._restore(state, step)
+        return restore_one(step)
       except Exception as e:  # pylint: disable=broad-except
         raise CheckpointError(f'cannot read checkpoint {step} in {self.directory}: '
                               f'{root_cause(e)}') from e
     unreadable = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self._restore(state, step)
+        restored = restore_one(step)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('Checkpoint %d in %s cannot be read (%s); trying the one before it.',
                         step, self.directory, root_cause(e))
@@ -146,7 +161,7 @@ class Checkpoints:
       raise CheckpointError(f'no checkpoint in {self.directory} can be read into this model '
                             f'(step {step}: {root_cause(e)}); use another workdir to start '
                             f'afresh') from e
-    return state, None
+    return default, None
 
   def _restore(self, state, step: int):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_tree(state))
@@ -155,6 +170,17 @@ class Checkpoints:
     tree = restored['state']
     tree['dropout_rng'] = jax.random.wrap_key_data(tree['dropout_rng'])
     return state.replace(**tree), restored['record']
+
+  def _restore_variables(self, variables: dict, step: int):
+    template = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                            {'step': np.int32(0), 'params': variables['params'],
+                             'batch_stats': variables['batch_stats']})
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            template, restore_args=ocp.checkpoint_utils.construct_restore_args(template),
+            partial_restore=True),
+        record=ocp.args.JsonRestore()))
+    return restored['state'], restored['record']
 
   def _set_aside(self, steps: list):
     """Renames unreadable checkpoints (once every process has tried them) so that their steps

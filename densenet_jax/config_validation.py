@@ -12,13 +12,13 @@ from typing import Optional
 
 import ml_collections
 
-from densenet_jax import architectures, datasets, folder_listing, weights
+from densenet_jax import architectures, datasets, errors, folder_listing, weights
 
 # The DenseNet options that config.model may set besides its architecture fields.
 MODEL_OPTIONS = ('dropout_rate', 'dtype', 'implementation', 'memory_efficient')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value that no run can use."""
 
 
@@ -77,30 +77,38 @@ def check_model(model: ml_collections.ConfigDict):
 
 def check_dataset_options(dataset: str, *, augment: bool = False, holdout_validation: bool = False,
                           image_size: Optional[int] = None, ten_crop: bool = False,
-                          eval_resize: str = 'bicubic'):
-  """The options that only some datasets take (training or evaluation)."""
-  folder = folder_listing.is_folder(dataset)
-  if dataset not in datasets.DATASETS and not folder:
+                          eval_resize: Optional[str] = None):
+  """The options that only some datasets take (training or evaluation): their spec says which."""
+  if folder_listing.is_folder(dataset):
+    spec = datasets.folder_spec(dataset, None)
+  elif dataset in datasets.SPECS:
+    spec = datasets.SPECS[dataset]
+  else:
     _fail('dataset', dataset, f'allowed datasets are {", ".join(datasets.DATASETS)}, or '
           f'{folder_listing.PREFIX}PATH (PATH/train/<class>/*)')
-  if augment and dataset in datasets.NOT_AUGMENTED:
+  if augment and not spec.augmentable:
     _fail('augment', augment, f'{dataset} is trained without augmentation, as in the paper: '
           'set augment=False')
-  holdout = datasets.OPTIONAL_HOLDOUT + datasets.ALWAYS_HOLDOUT
-  if holdout_validation and dataset not in holdout:
+  if holdout_validation and spec.holdout is None:
+    holding = [s.name for s in datasets.SPECS.values() if s.holdout]
+    always = [s.name for s in datasets.SPECS.values() if s.always_holds_out]
     _fail('holdout_validation', holdout_validation,
-          f'only for {", ".join(holdout)}, not {dataset!r} '
-          f'({", ".join(datasets.ALWAYS_HOLDOUT)} always holds out its validation set)')
+          f'only for {", ".join(holding)}, not {dataset!r} '
+          f'({", ".join(always)} always holds out its validation set)')
   if image_size is not None:
     if not _is_int(image_size) or image_size < 1:
       _fail('image_size', image_size, 'must be an integer >= 1')
-    if dataset not in datasets.UPSCALABLE and not folder:
-      _fail('image_size', image_size, f'only for {", ".join(datasets.UPSCALABLE)} and '
+    if not spec.resizable:
+      resizable = [s.name for s in datasets.SPECS.values() if s.resizable]
+      _fail('image_size', image_size, f'only for {", ".join(resizable)} and '
             f'{folder_listing.PREFIX}PATH datasets, not {dataset!r}')
-  if ten_crop and dataset not in datasets.TEN_CROP:
-    _fail('ten_crop', ten_crop, f'only for {", ".join(datasets.TEN_CROP)}, not {dataset!r}')
-  if eval_resize not in datasets.RESIZE_METHODS:
-    _fail('eval_resize', eval_resize, f'allowed: {", ".join(datasets.RESIZE_METHODS)}')
+  if ten_crop and not spec.ten_crop:
+    ten = [s.name for s in datasets.SPECS.values() if s.ten_crop]
+    _fail('ten_crop', ten_crop, f'only for {", ".join(ten)}, not {dataset!r}')
+  if eval_resize is not None and eval_resize not in datasets.RESIZE_METHODS:
+    _fail('eval_resize', eval_resize,
+          f'allowed: {", ".join(datasets.RESIZE_METHODS)} (or None: the weights\' own, else '
+          f'{datasets.DEFAULT_EVAL_RESIZE})')
 
 
 def check_folder(dataset: str, folder: ml_collections.ConfigDict):

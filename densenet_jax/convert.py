@@ -18,9 +18,8 @@ import re
 
 import jax
 import numpy as np
-from absl import logging
 
-from densenet_jax import architectures, checkpoints, costs, models, weights
+from densenet_jax import architectures, costs, models
 
 # torchvision's old .pth files name BN/conv tensors `denselayerN.norm.1.weight`; torchvision itself
 # renames them to `denselayerN.norm1.weight` with this pattern before loading.
@@ -266,28 +265,3 @@ def load_pretrained(path) -> tuple:
     return keras_model_name(model), from_keras(model)
   raise ValueError(f'weights file {os.fspath(path)!r} has extension {extension!r}; allowed: '
                    '.pth, .pt (torchvision state_dict), .keras, .h5 (saved Keras model)')
-
-
-def load_initial_weights(init_from: str, state):
-  """`state` with the weights of a torchvision/Keras file, published weights by name
-  ('torchvision:densenet121', weights.PUBLISHED) or a checkpoint directory.
-
-  A classifier of another shape (another number of classes) is not loaded: the state's freshly
-  initialized head is kept (fine-tuning).
-  """
-  if weights.is_published_name(init_from):
-    variables = weights.load(init_from)
-  elif os.path.isdir(init_from):
-    restored, _ = checkpoints.Checkpoints(init_from).restore(state)
-    variables = {'params': restored.params, 'batch_stats': restored.batch_stats}
-  else:
-    _, variables = load_pretrained(init_from)
-  params, batch_stats = dict(variables['params']), dict(variables['batch_stats'])
-  head, new_head = params['classifier']['kernel'].shape, state.params['classifier']['kernel'].shape
-  if head != new_head:
-    logging.info('%s has a %d-class classifier, the model %d classes: new classifier.',
-                 init_from, head[-1], new_head[-1])
-    params['classifier'] = state.params['classifier']
-  if jax.tree.structure(params) != jax.tree.structure(state.params):
-    raise ValueError(f'init_from={init_from!r} holds another architecture than the model')
-  return state.replace(params=params, batch_stats=batch_stats)

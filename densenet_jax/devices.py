@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from densenet_jax import config_validation
-from densenet_jax.steps import AXIS_NAME
+from densenet_jax.inference import AXIS_NAME
 
 
 @dataclasses.dataclass(frozen=True)

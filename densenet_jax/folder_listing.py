@@ -2,7 +2,7 @@
 
 PATH holds train/<class>/* and optionally val/<class>/* and test/<class>/*. Files whose
 extension is an image format's are the candidates (decoding each once, at preparation, decides
-which are kept: `folder.ImageFolder`). The listing's key hashes every candidate's relative path,
+which are kept: `folder.UserImageFolder`). The listing's key hashes every candidate's relative path,
 size and modification time with the preparation options, so an edited file or a renamed class
 prepares the dataset again while an unchanged folder is reused.
 
@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import json
 import os
+
+from densenet_jax import errors
 
 PREFIX = 'folder:'
 SPLIT_DIRS = {'train': 'train', 'validation': 'val', 'test': 'test'}  # split -> sub-folder
@@ -50,7 +52,7 @@ class Listing:
     return digest.hexdigest()[:16]
 
 
-class FolderError(ValueError):
+class FolderError(errors.UserError, ValueError):
   """A folder that cannot be a dataset; the message is one line."""
 
 

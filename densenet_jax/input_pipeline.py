@@ -11,17 +11,18 @@ Batches are numpy dicts laid out for `jax.pmap` over the local devices:
   weight float32 [local_devices, per_device_batch]  (training on a folder with
          config.folder.class_weights only: the loss weight of the example's class)
 
-The device turns the uint8 images into the model's input with `device_transform(info, ...)`
-(densenet_jax/augment.py): normalization with the dataset's statistics (DatasetInfo), and for
-training the random shift and flip (CIFAR, folders) or the color jitter, lighting and flip
-(ImageNet). The host decodes, shifts the digits, and for ImageNet crops and resizes
-(`preprocessing`).
+A run opens its data once, `Data(DataOptions)`: the dataset's spec (datasets.SPECS, or a
+folder's), its prepared tfds builder and its DatasetInfo. The host does the spec's `host_train`
+/ `host_eval` (preprocessing.HOST_OPS: decode, the digits' shift, ImageNet's crops and resizes);
+the device turns the uint8 images into the model's input with `Data.device_transform`
+(densenet_jax/augment.py): normalization with the dataset's statistics, and for training the
+spec's random shift, flip, color jitter and lighting.
 
 Data. `digits` and image folders (`folder:PATH`, densenet_jax/folder.py) are prepared on first
 use (offline); the others must be prepared in the tfds data_dir beforehand:
 `python -m densenet_jax.input_pipeline NAME --data_dir DIR` (ImageNet also needs its two tar
-files, see `_not_prepared_message`). TensorFlow never sees the GPUs (see
-`preprocessing`).
+files, see `_not_prepared_message`). Programs keep TensorFlow off the accelerators when they
+start (densenet_jax/runtime.py).
 
 Which examples. A split used here is a sequence of tfds slices (SVHN's training set is `train`
 then `extra`) with, for SVHN, a boolean mask over their concatenation (the validation hold-out).
@@ -39,10 +40,10 @@ num_train // global_batch_size batches. A run started at `start_step` skips the 
 of the earlier steps of its epoch before decoding them, so it yields the batches an
 uninterrupted run yields (resuming mid-epoch reads, without decoding, the skipped examples).
 
-Hold-outs. CIFAR with `holdout_validation=True`: the last CIFAR_HOLDOUT examples of tfds's
-`train` (stored in random order) are the `validation` split. SVHN always holds out (paper):
-SVHN_HOLDOUT_PER_CLASS examples of each class from `train` and from `extra`, drawn with numpy's
-`default_rng(HOLDOUT_SEED)`; finding them reads every label once per process (cached in memory).
+Hold-outs (the spec's `holdout`, datasets.HoldOut). CIFAR with `holdout_validation=True`: the
+last 5,000 examples of tfds's `train` (stored in random order) are the `validation` split. SVHN
+always holds out (paper): 400 examples of each class from `train` and 200 from `extra`, drawn
+with numpy's `default_rng(0)`; finding them reads every label once per process (cached).
 
 Batch sizes and steps come from the run's `devices.Topology`; which option each dataset takes is
 checked by `config_validation.check_dataset_options`. Constants: docs/reference.md.
@@ -57,55 +58,25 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import config_validation, digits, folder, folder_listing
-from densenet_jax.augment import DeviceTransform
+from densenet_jax import config_validation, datasets, digits, errors, folder, folder_listing
 from densenet_jax import preprocessing as pp
-from densenet_jax.datasets import (CIFAR_PAD, DATASETS, FOLDER_IMAGE_SIZE,
-                                   IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION, NOT_AUGMENTED)
+from densenet_jax.augment import DeviceTransform
+from densenet_jax.datasets import DataOptions, DatasetInfo, DatasetSpec
 from densenet_jax.devices import Topology
 
-CIFAR_HOLDOUT = 5000
-SVHN_HOLDOUT_PER_CLASS = {'train': 400, 'extra': 200}
-HOLDOUT_SEED = 0
-IMAGENET_SHUFFLE_BUFFER = 16_384
-# Stored image shapes (ImageNet's vary; it is fed at CROP_SIZE).
-IMAGE_SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3), 'cifar100': (32, 32, 3),
-                'svhn_cropped': (32, 32, 3)}
+# Datasets that tfds does not have: their builders (prepared offline, on first use).
+BUILDERS = {'digits': digits.Digits}
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  name: str
-  num_classes: int
-  image_shape: tuple  # (H, W, C) as fed to the model
-  num_train: int  # examples of the training set (after any hold-out)
-  num_eval: dict  # eval split name -> number of examples
-  eval_splits: tuple
-  class_names: tuple  # label -> name (tfds's ClassLabel names; a folder's class folders)
-  normalization: tuple  # (scale, mean, std): the model sees (pixels / scale - mean) / std
-
-
-@dataclasses.dataclass(frozen=True)
-class FolderOptions:
-  """config.folder (configs/common.folder_config) for a 'folder:PATH' dataset."""
-  augmentation: str
-  translate_pixels: int
-  flip: bool
-  eval_transform: str
-  center_crop_ratio: float
-  normalization: str
-  holdout_fraction: float
-  holdout_seed: int
-  max_side: int
-  shuffle_buffer: int
-  class_weights: bool
+class NotPrepared(errors.UserError, FileNotFoundError):
+  """A dataset that must be prepared (downloaded) first; the message says how."""
 
 
 @dataclasses.dataclass(frozen=True)
 class _Subset:
   slices: tuple  # ((tfds split, start, stop), ...) in reading order
   size: int  # selected examples
-  svhn_held_out: Optional[bool] = None  # None: all of the slices; else the SVHN hold-out or not
+  held_out: Optional[bool] = None  # None: all of the slices; else the per-class hold-out or not
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,28 +87,26 @@ class _Shard:
   mask: Optional[np.ndarray] = None  # selection over the slice; None: all
 
 
-def _new_builder(name: str, data_dir: Optional[str], folder_options: Optional[FolderOptions]):
-  config_validation.check_dataset_options(name)
-  if folder_listing.is_folder(name):
-    if folder_options is None:
-      raise ValueError(f'{name}: a folder dataset needs its FolderOptions (config.folder)')
+def _new_builder(spec: DatasetSpec, data_dir: Optional[str]):
+  if spec.is_folder:
+    options = spec.folder
     return folder.UserImageFolder(
-        folder_listing.scan(folder_listing.folder_path(name)), data_dir=data_dir,
-        max_side=folder_options.max_side, holdout_fraction=folder_options.holdout_fraction,
-        holdout_seed=folder_options.holdout_seed)
-  if name == 'digits':
-    return digits.Digits(data_dir=data_dir)
-  return tfds.builder(name, data_dir=data_dir)
+        folder_listing.scan(folder_listing.folder_path(spec.name)), data_dir=data_dir,
+        max_side=options.max_side, holdout_fraction=options.holdout_fraction,
+        holdout_seed=options.holdout_seed)
+  if spec.name in BUILDERS:
+    return BUILDERS[spec.name](data_dir=data_dir)
+  return tfds.builder(spec.name, data_dir=data_dir)
 
 
 @functools.lru_cache(maxsize=None)
-def _builder(name: str, data_dir: Optional[str], folder_options: Optional[FolderOptions] = None):
+def _builder(spec: DatasetSpec, data_dir: Optional[str]):
   """The prepared tfds builder; digits and folders are prepared on first use, the others must
   be prepared beforehand."""
-  builder = _new_builder(name, data_dir, folder_options)
+  builder = _new_builder(spec, data_dir)
   if not builder.is_prepared():
-    if name != 'digits' and not folder_listing.is_folder(name):
-      raise FileNotFoundError(_not_prepared_message(name, builder))
+    if not spec.prepared_on_first_use:
+      raise NotPrepared(_not_prepared_message(spec.name, builder))
     builder.download_and_prepare()
   return builder
 
@@ -157,75 +126,44 @@ def _not_prepared_message(name, builder) -> str:
 
 def prepare(name: str, data_dir: Optional[str] = None, manual_dir: Optional[str] = None):
   """Downloads and prepares a dataset (digits: offline; imagenet2012: from manual_dir's tars)."""
-  builder = _new_builder(name, data_dir, None)
+  builder = _new_builder(datasets.spec(name), data_dir)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
-def _subset(builder, name: str, split: str, holdout_validation: bool) -> _Subset:
+def _holds_out(spec: DatasetSpec, holdout_validation: bool) -> bool:
+  return spec.holdout is not None and (spec.always_holds_out or holdout_validation)
+
+
+def _subset(builder, spec: DatasetSpec, split: str, holdout_validation: bool) -> _Subset:
   sizes = {s: builder.info.splits[s].num_examples for s in builder.info.splits}
-  if name == 'svhn_cropped' and split in ('train', 'validation'):
-    slices = tuple((s, 0, sizes[s]) for s in SVHN_HOLDOUT_PER_CLASS)
-    held = builder.info.features['label'].num_classes * sum(SVHN_HOLDOUT_PER_CLASS.values())
-    total = sum(sizes[s] for s in SVHN_HOLDOUT_PER_CLASS)
-    validation = split == 'validation'
+  if not (_holds_out(spec, holdout_validation) and split in ('train', 'validation')):
+    return _Subset(((split, 0, sizes[split]),), sizes[split])
+  holdout, validation = spec.holdout, split == 'validation'
+  if holdout.per_class:
+    slices = tuple((s, 0, sizes[s]) for s in spec.holdout_splits)
+    held = builder.info.features['label'].num_classes * sum(c for _, c in holdout.per_class)
+    total = sum(sizes[s] for s in spec.holdout_splits)
     return _Subset(slices, held if validation else total - held, validation)
-  if holdout_validation and split in ('train', 'validation'):
-    cut = sizes['train'] - CIFAR_HOLDOUT
-    start, stop = (0, cut) if split == 'train' else (cut, sizes['train'])
-    return _Subset((('train', start, stop),), stop - start)
-  return _Subset(((split, 0, sizes[split]),), sizes[split])
+  cut = sizes['train'] - holdout.last
+  start, stop = (cut, sizes['train']) if validation else (0, cut)
+  return _Subset((('train', start, stop),), stop - start)
 
 
-def _eval_splits(builder, name: str, holdout_validation: bool) -> tuple:
-  if folder_listing.is_folder(name):
+def _eval_splits(builder, spec: DatasetSpec, holdout_validation: bool) -> tuple:
+  if spec.eval_splits is None:  # a folder: what it has
     return tuple(s for s in ('validation', 'test') if s in builder.info.splits)
-  if name == 'imagenet2012':
-    return ('validation',)
-  if name == 'svhn_cropped' or holdout_validation:
-    return ('validation', 'test')
-  return ('test',)
+  held_out = ('validation',) if _holds_out(spec, holdout_validation) else ()
+  return held_out + spec.eval_splits
 
 
-def _image_shape(name: str, image_size: Optional[int]) -> tuple:
-  if name == 'imagenet2012':
-    return (pp.CROP_SIZE, pp.CROP_SIZE, 3)
-  if folder_listing.is_folder(name):
-    size = image_size or FOLDER_IMAGE_SIZE
-    return (size, size, 3)
-  if image_size is not None:
-    return (image_size, image_size, IMAGE_SHAPES[name][2])
-  return IMAGE_SHAPES[name]
-
-
-def dataset_info(name: str, data_dir: Optional[str], *, holdout_validation: bool = False,
-                 image_size: Optional[int] = None,
-                 folder_options: Optional[FolderOptions] = None) -> DatasetInfo:
-  """Sizes, classes and shapes of a prepared dataset (digits and folders are prepared here if
-  needed)."""
-  config_validation.check_dataset_options(name, holdout_validation=holdout_validation,
-                                          image_size=image_size)
-  builder = _builder(name, data_dir, folder_options)
-  eval_splits = _eval_splits(builder, name, holdout_validation)
-  return DatasetInfo(
-      name=name,
-      class_names=tuple(builder.info.features['label'].names),
-      num_classes=builder.info.features['label'].num_classes,
-      image_shape=_image_shape(name, image_size),
-      num_train=_subset(builder, name, 'train', holdout_validation).size,
-      num_eval={s: _subset(builder, name, s, holdout_validation).size for s in eval_splits},
-      eval_splits=eval_splits,
-      normalization=_normalization(name, data_dir, folder_options),
-  )
-
-
-def _read(builder, name: str, shard: _Shard) -> tf.data.Dataset:
+def _read(builder, spec: DatasetSpec, shard: _Shard) -> tf.data.Dataset:
   """The shard's examples in a fixed order: dict(image=encoded bytes, label=int32, index=int64).
 
-  Files are read one at a time (examples in tfds's order) except for ImageNet, whose 16 files
-  read in parallel give a different but equally fixed order.
+  Files are read one at a time (examples in tfds's order) except for datasets read in parallel
+  (ImageNet's 16 files), which give a different but equally fixed order.
   """
-  read_config = (tfds.ReadConfig() if name == 'imagenet2012'
+  read_config = (tfds.ReadConfig() if spec.parallel_read
                  else tfds.ReadConfig(interleave_cycle_length=1))
   ds = builder.as_dataset(split=shard.split, shuffle_files=False, read_config=read_config,
                           decoders={'image': tfds.decode.SkipDecoding()})
@@ -238,28 +176,29 @@ def _read(builder, name: str, shard: _Shard) -> tf.data.Dataset:
 
 
 @functools.lru_cache(maxsize=None)
-def _svhn_held_out(builder, per_class: tuple) -> np.ndarray:
-  """Boolean mask over SVHN's train + extra: `count` examples per class of each split."""
-  rng = np.random.default_rng(HOLDOUT_SEED)
+def _held_out(builder, spec: DatasetSpec) -> np.ndarray:
+  """Boolean mask over the hold-out splits' concatenation: `count` examples per class of each."""
+  rng = np.random.default_rng(spec.holdout.seed)
   masks = []
-  for split, count in per_class:
+  for split, count in spec.holdout.per_class:
     size = builder.info.splits[split].num_examples
     labels = np.concatenate([
         batch['label'] for batch in tfds.as_numpy(
-            _read(builder, 'svhn_cropped', _Shard(f'{split}[0:{size}]', 0, size)).batch(65_536))])
+            _read(builder, spec, _Shard(f'{split}[0:{size}]', 0, size)).batch(65_536))])
     order = rng.permutation(size)
     held = np.zeros(size, bool)
     for label in range(builder.info.features['label'].num_classes):
       chosen = order[labels[order] == label][:count]
       if len(chosen) < count:
-        raise ValueError(f'svhn_cropped {split} has {len(chosen)} examples of class {label}, '
+        raise ValueError(f'{spec.name} {split} has {len(chosen)} examples of class {label}, '
                          f'fewer than the {count} to hold out')
       held[chosen] = True
     masks.append(held)
   return np.concatenate(masks)
 
 
-def _shard(builder, subset: _Subset, process_index: int, process_count: int) -> _Shard:
+def _shard(builder, spec: DatasetSpec, subset: _Subset, process_index: int,
+           process_count: int) -> _Shard:
   """This process's contiguous share of the subset's selected examples."""
   if subset.size < process_count:
     raise ValueError(f'{subset.size} examples cannot be shared by {process_count} processes')
@@ -267,9 +206,9 @@ def _shard(builder, subset: _Subset, process_index: int, process_count: int) -> 
   hi = subset.size * (process_index + 1) // process_count
   mask = None
   first, last = lo, hi
-  if subset.svhn_held_out is not None:
-    mask = _svhn_held_out(builder, tuple(SVHN_HOLDOUT_PER_CLASS.items()))
-    if not subset.svhn_held_out:
+  if subset.held_out is not None:
+    mask = _held_out(builder, spec)
+    if not subset.held_out:
       mask = ~mask
     positions = np.flatnonzero(mask)
     first, last = positions[lo], positions[hi - 1] + 1
@@ -289,89 +228,45 @@ def _epoch_seed(seed, epoch):
   return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
 
 
-def _normalization(name: str, data_dir: Optional[str],
-                   options: Optional[FolderOptions]) -> tuple:
-  """DatasetInfo.normalization: the dataset's table entry; a folder's from config.folder."""
-  if not folder_listing.is_folder(name):
-    return NORMALIZATION[name]
-  if options.normalization == 'imagenet':
-    return 255.0, IMAGENET_MEAN, IMAGENET_STD
-  if options.normalization == 'folder':
-    return (255.0, *folder.normalization_statistics(_builder(name, data_dir, options)))
-  return 255.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+def host_view(options: DataOptions, spec: DatasetSpec) -> pp.HostView:
+  """What the host makes of this run's images (preprocessing.HostView)."""
+  return pp.HostView(size=datasets.image_shape(spec, options.image_size)[0],
+                     eval_resize=options.eval_resize, ten_crop=options.ten_crop,
+                     folder=spec.folder)
 
 
-def folder_transform(options: FolderOptions, image_size: Optional[int]) -> dict:
-  """The keyword arguments of preprocessing.folder_eval (and, with the augmentation, of
-  folder_train) for a folder dataset."""
-  return dict(size=image_size or FOLDER_IMAGE_SIZE, transform=options.eval_transform,
-              crop_ratio=options.center_crop_ratio)
-
-
-def device_transform(info: DatasetInfo, *, train: bool, seed: int = 0, augment: bool = True,
-                     folder_options: Optional[FolderOptions] = None) -> DeviceTransform:
-  """What the device does to this dataset's uint8 batches (training: with `augment`, the
-  paper's augmentation) before the model sees them."""
-  scale, mean, std = info.normalization
-  transform = DeviceTransform(scale=scale, mean=tuple(mean), std=tuple(std), seed=seed)
-  if info.name == 'digits' and info.image_shape != IMAGE_SHAPES['digits']:
-    transform = dataclasses.replace(transform, resize=info.image_shape[0])
-  if not (train and augment) or info.name in NOT_AUGMENTED or info.name == 'digits':
-    return transform  # the digits are shifted on the host (preprocessing.digits_shift)
-  if info.name in ('cifar10', 'cifar100'):
-    return dataclasses.replace(transform, translate=CIFAR_PAD, fill=tuple(mean), flip=True)
-  if info.name == 'imagenet2012':
-    return dataclasses.replace(transform, photometric=True, flip=True)
-  return dataclasses.replace(  # a folder
-      transform, flip=folder_options.flip, photometric=folder_options.augmentation == 'imagenet',
-      translate=folder_options.translate_pixels * (folder_options.augmentation == 'translate'))
-
-
-def example_preprocessor(name: str, *, train: bool, seed: int = 0, augment: bool = True,
-                         ten_crop: bool = False, eval_resize: str = 'bicubic',
-                         image_size: Optional[int] = None,
-                         folder_options: Optional[FolderOptions] = None):
+def example_preprocessor(spec: DatasetSpec, view: pp.HostView, *, train: bool, seed: int = 0,
+                         augment: bool = True):
   """fn(example) -> dict(image, label) for one example of `_read`, image uint8 (training: plus
-  the example's `epoch` and `index`, which the device draws its augmentation from).
-
-  cifar, svhn_cropped: the decoded image; digits: the decoded image, shifted by up to a pixel
-  when augmented; imagenet2012: fb.resnet.torch's random-sized crop at 224, or the evaluation
-  resize + center crop (or 10 crops); folders: config.folder's crop or eval view
-  (preprocessing.folder_train / folder_eval). The rest is `device_transform`'s.
-  """
+  the example's `epoch` and `index`, which the device draws its augmentation from): the spec's
+  host_train (when augmented) or host_eval op. The rest is `device_transform`'s."""
   augment = train and augment
-  config_validation.check_dataset_options(name, augment=augment, image_size=image_size,
-                                          ten_crop=ten_crop, eval_resize=eval_resize)
-  if folder_listing.is_folder(name):
-    transform = folder_transform(folder_options, image_size)
-
-  def image(example):
-    encoded = example['image']
-    key = None
-    if augment:
-      key = tf.stack([_epoch_seed(seed, example['epoch']), example['index']])
-    if folder_listing.is_folder(name):
-      if augment:
-        return pp.folder_train(encoded, key, **transform,
-                               augmentation=folder_options.augmentation)
-      return pp.folder_eval(encoded, **transform)
-    if name == 'imagenet2012':
-      if augment:
-        return pp.imagenet_train(encoded, key)
-      return pp.imagenet_eval(encoded, eval_resize, ten_crop)
-    shape = IMAGE_SHAPES[name]
-    decoded = tf.ensure_shape(
-        tf.io.decode_image(encoded, channels=shape[2], expand_animations=False), shape)
-    return pp.digits_shift(decoded, key) if name == 'digits' and augment else decoded
+  op = pp.HOST_OPS[spec.host_train if augment else spec.host_eval]
 
   def preprocess(example):
-    out = {'image': image(example), 'label': example['label']}
+    key = tf.stack([_epoch_seed(seed, example['epoch']), example['index']]) if augment else None
+    out = {'image': op(example['image'], key, spec, view), 'label': example['label']}
     if train:
       out.update(epoch=tf.cast(example['epoch'], tf.int32),
                  index=tf.cast(example['index'], tf.int32))
     return out
 
   return preprocess
+
+
+def device_transform(spec: DatasetSpec, info: DatasetInfo, *, train: bool, seed: int = 0,
+                     augment: bool = True) -> DeviceTransform:
+  """What the device does to this dataset's uint8 batches (training: with `augment`, the
+  spec's augmentation) before the model sees them."""
+  scale, mean, std = info.normalization
+  transform = DeviceTransform(scale=scale, mean=tuple(mean), std=tuple(std), seed=seed)
+  if spec.image_shape is not None and tuple(info.image_shape) != spec.image_shape:
+    transform = dataclasses.replace(transform, resize=info.image_shape[0])
+  if not (train and augment):
+    return transform
+  return dataclasses.replace(transform, translate=spec.translate, flip=spec.flip,
+                             photometric=spec.photometric,
+                             fill=tuple(mean) if spec.pad_with_mean else transform.fill)
 
 
 def _options() -> tf.data.Options:
@@ -387,98 +282,129 @@ def _per_device(local_device_count: int):
   return split
 
 
-def create_train_iterator(name: str, *, data_dir: Optional[str], topology: Topology, seed: int,
-                          start_step: int = 0, augment: bool = True,
-                          holdout_validation: bool = False,
-                          image_size: Optional[int] = None,
-                          folder_options: Optional[FolderOptions] = None) -> Iterator[dict]:
-  """Infinite iterator of this process's training batches, starting at `start_step`.
+class Data:
+  """A run's data, opened once: the spec, the prepared builder, the DatasetInfo and the
+  options; the training and eval iterators, the device's transforms and the host's
+  preprocessing all come from here.
 
-  An epoch is `topology.steps_per_epoch(num_train)` steps (the remainder is dropped, a new order
-  each epoch). The batches from `start_step` on equal those of an uninterrupted run.
+  `info` given (prediction from a run's classes.json, or from published weights' classes):
+  nothing is read or prepared, and only the transforms are available.
   """
-  info = dataset_info(name, data_dir, holdout_validation=holdout_validation,
-                      image_size=image_size, folder_options=folder_options)
-  preprocess = example_preprocessor(name, train=True, seed=seed, augment=augment,
-                                    image_size=image_size, folder_options=folder_options)
-  steps_per_epoch = topology.steps_per_epoch(info.num_train)
-  local_batch = topology.local_batch_size
-  if start_step < 0:
-    raise ValueError(f'start_step {start_step} is negative')
-  builder = _builder(name, data_dir, folder_options)
-  shard = _shard(builder, _subset(builder, name, 'train', holdout_validation),
-                 topology.process_index, topology.process_count)
-  examples = _read(builder, name, shard)
-  buffer_size = shard.size
-  if name == 'imagenet2012':
-    buffer_size = min(buffer_size, IMAGENET_SHUFFLE_BUFFER)
-  if folder_options is not None:
-    buffer_size = min(buffer_size, folder_options.shuffle_buffer)
 
-  def epoch_examples(epoch):
-    # A global TF seed (tf.random.set_seed, keras.utils.set_random_seed) would otherwise enter
-    # the shuffle's seeds (and a global seed of 0 breaks a tensor seed): ignore it here.
-    tf.compat.v1.get_default_graph().seed = None
-    shuffled = examples.shuffle(buffer_size, seed=_epoch_seed(seed, epoch),
-                                reshuffle_each_iteration=False)
-    return shuffled.take(steps_per_epoch * local_batch).map(
-        lambda example: dict(example, epoch=epoch))
+  def __init__(self, options: DataOptions, info: Optional[DatasetInfo] = None):
+    config_validation.check_dataset_options(
+        options.dataset, augment=options.augment, holdout_validation=options.holdout_validation,
+        image_size=options.image_size, ten_crop=options.ten_crop,
+        eval_resize=options.eval_resize)
+    self.options = options
+    self.spec = datasets.spec(options.dataset, options.folder)
+    self.view = host_view(options, self.spec)
+    self.builder = None if info is not None else _builder(self.spec, options.data_dir)
+    self.info = info or self._info()
 
-  if folder_options is not None and folder_options.class_weights:
-    weights = tf.constant(folder.balanced_class_weights(builder), tf.float32)
-    unweighted = preprocess
-    preprocess = lambda example: dict(unweighted(example),
-                                      weight=tf.gather(weights, example['label']))
+  def _info(self) -> DatasetInfo:
+    holdout = self.options.holdout_validation
+    eval_splits = _eval_splits(self.builder, self.spec, holdout)
+    label = self.builder.info.features['label']
+    return DatasetInfo(
+        name=self.spec.name, class_names=tuple(label.names), num_classes=label.num_classes,
+        image_shape=datasets.image_shape(self.spec, self.options.image_size),
+        num_train=_subset(self.builder, self.spec, 'train', holdout).size,
+        num_eval={s: _subset(self.builder, self.spec, s, holdout).size for s in eval_splits},
+        eval_splits=eval_splits, normalization=self._normalization())
 
-  start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
-  ds = (tf.data.Dataset.counter(start_epoch).flat_map(epoch_examples)
-        .skip(step_in_epoch * local_batch)
-        .map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(local_batch, drop_remainder=True)
-        .map(_per_device(topology.local_device_count))
-        .prefetch(tf.data.AUTOTUNE))
-  return iter(tfds.as_numpy(ds.with_options(_options())))
+  def _normalization(self) -> tuple:
+    if self.spec.normalization is not None:
+      return self.spec.normalization
+    return (255.0, *folder.normalization_statistics(self.builder))  # a folder's own
 
+  def device_transform(self, train: bool) -> DeviceTransform:
+    return device_transform(self.spec, self.info, train=train, seed=self.options.seed,
+                            augment=self.options.augment)
 
-def create_eval_iterator(name: str, split: str, *, data_dir: Optional[str], topology: Topology,
-                         holdout_validation: bool = False, ten_crop: bool = False,
-                         eval_resize: str = 'bicubic',
-                         image_size: Optional[int] = None,
-                         folder_options: Optional[FolderOptions] = None
-                         ) -> tuple[Iterable[dict], int]:
-  """(re-iterable batches, num_steps) covering this process's share of `split` once.
+  def eval_preprocessor(self):
+    """fn(encoded image bytes) -> the uint8 eval image (what predict feeds)."""
+    preprocess = example_preprocessor(self.spec, self.view, train=False)
+    return lambda encoded: preprocess({'image': encoded, 'label': 0})['image']
 
-  The last batches are padded with mask-0 examples so that every process runs num_steps steps.
-  """
-  info = dataset_info(name, data_dir, holdout_validation=holdout_validation,
-                      image_size=image_size, folder_options=folder_options)
-  if split not in info.eval_splits:
-    raise ValueError(f'split {split!r} is not an eval split of {name}: {info.eval_splits}')
-  preprocess = example_preprocessor(name, train=False, ten_crop=ten_crop,
-                                    eval_resize=eval_resize, image_size=image_size,
-                                    folder_options=folder_options)
-  local_batch = topology.local_batch_size
-  builder = _builder(name, data_dir, folder_options)
-  shard = _shard(builder, _subset(builder, name, split, holdout_validation),
-                 topology.process_index, topology.process_count)
-  num_steps = topology.eval_steps(info.num_eval[split])
-  examples = _read(builder, name, shard)
-  if shard.mask is not None:
-    examples = examples.cache()  # the SVHN hold-out: read the large splits only once
-  ds = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).map(
-      lambda example: dict(example, mask=tf.constant(1.0)))
-  padding = tf.data.Dataset.from_tensors(
-      {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()})
-  ds = (ds.concatenate(padding.repeat(num_steps * local_batch - shard.size))
-        .batch(local_batch)
-        .map(_per_device(topology.local_device_count))
-        .prefetch(tf.data.AUTOTUNE))
-  return tfds.as_numpy(ds.with_options(_options())), num_steps
+  def _shard(self, split: str, topology: Topology) -> _Shard:
+    if self.builder is None:
+      raise ValueError(f'{self.spec.name}: opened for prediction only, no examples to read')
+    subset = _subset(self.builder, self.spec, split, self.options.holdout_validation)
+    return _shard(self.builder, self.spec, subset, topology.process_index,
+                  topology.process_count)
+
+  def train_iterator(self, topology: Topology, start_step: int = 0) -> Iterator[dict]:
+    """Infinite iterator of this process's training batches, starting at `start_step`.
+
+    An epoch is `topology.steps_per_epoch(num_train)` steps (the remainder is dropped, a new
+    order each epoch). The batches from `start_step` on equal those of an uninterrupted run.
+    """
+    if start_step < 0:
+      raise ValueError(f'start_step {start_step} is negative')
+    seed = self.options.seed
+    preprocess = example_preprocessor(self.spec, self.view, train=True, seed=seed,
+                                      augment=self.options.augment)
+    steps_per_epoch = topology.steps_per_epoch(self.info.num_train)
+    local_batch = topology.local_batch_size
+    shard = self._shard('train', topology)
+    examples = _read(self.builder, self.spec, shard)
+    buffer_size = min(shard.size, self.spec.shuffle_buffer or shard.size)
+
+    def epoch_examples(epoch):
+      # A global TF seed (tf.random.set_seed, keras.utils.set_random_seed) would otherwise enter
+      # the shuffle's seeds (and a global seed of 0 breaks a tensor seed): ignore it here.
+      tf.compat.v1.get_default_graph().seed = None
+      shuffled = examples.shuffle(buffer_size, seed=_epoch_seed(seed, epoch),
+                                  reshuffle_each_iteration=False)
+      return shuffled.take(steps_per_epoch * local_batch).map(
+          lambda example: dict(example, epoch=epoch))
+
+    if self.spec.folder is not None and self.spec.folder.class_weights:
+      weights = tf.constant(folder.balanced_class_weights(self.builder), tf.float32)
+      unweighted = preprocess
+      preprocess = lambda example: dict(unweighted(example),
+                                        weight=tf.gather(weights, example['label']))
+
+    start_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+    ds = (tf.data.Dataset.counter(start_epoch).flat_map(epoch_examples)
+          .skip(step_in_epoch * local_batch)
+          .map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+          .batch(local_batch, drop_remainder=True)
+          .map(_per_device(topology.local_device_count))
+          .prefetch(tf.data.AUTOTUNE))
+    return iter(tfds.as_numpy(ds.with_options(_options())))
+
+  def eval_iterator(self, split: str, topology: Topology) -> tuple[Iterable[dict], int]:
+    """(re-iterable batches, num_steps) covering this process's share of `split` once.
+
+    The last batches are padded with mask-0 examples so that every process runs num_steps
+    steps.
+    """
+    if split not in self.info.eval_splits:
+      raise ValueError(f'split {split!r} is not an eval split of {self.spec.name}: '
+                       f'{self.info.eval_splits}')
+    preprocess = example_preprocessor(self.spec, self.view, train=False)
+    local_batch = topology.local_batch_size
+    shard = self._shard(split, topology)
+    num_steps = topology.eval_steps(self.info.num_eval[split])
+    examples = _read(self.builder, self.spec, shard)
+    if shard.mask is not None:
+      examples = examples.cache()  # a per-class hold-out: read the large splits only once
+    ds = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).map(
+        lambda example: dict(example, mask=tf.constant(1.0)))
+    padding = tf.data.Dataset.from_tensors(
+        {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()})
+    ds = (ds.concatenate(padding.repeat(num_steps * local_batch - shard.size))
+          .batch(local_batch)
+          .map(_per_device(topology.local_device_count))
+          .prefetch(tf.data.AUTOTUNE))
+    return tfds.as_numpy(ds.with_options(_options())), num_steps
 
 
 def main():
   parser = argparse.ArgumentParser(description=prepare.__doc__)
-  parser.add_argument('name', choices=DATASETS)
+  parser.add_argument('name', choices=datasets.DATASETS)
   parser.add_argument('--data_dir', default=None, help='tfds data_dir (default: tfds default)')
   parser.add_argument('--manual_dir', default=None, help='imagenet2012: folder of its two tars '
                       '(default: DATA_DIR/downloads/manual)')

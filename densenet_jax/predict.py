@@ -2,9 +2,11 @@
 
 The model is a run's best (or latest) checkpoint (--workdir) or config.init_from's weights; each
 image gets the eval transform the model was trained with (the dataset's, as the eval step sees
-it; a folder run's as recorded in its workdir, so the data may have moved since). Class names:
-the run's classes.json, else ImageNet's (data/imagenet_classes.tsv) for 1,000-class ImageNet
-models, else the dataset's.
+it; a folder run's as recorded in its workdir, so the data may have moved since; published
+weights' own eval resize). Class names: the run's classes.json, else ImageNet's
+(data/imagenet_classes.tsv) for 1,000-class ImageNet models, else the dataset's.
+
+Neither the optimizer (optax) nor the training loop is imported: see tests/test_predict.py.
 """
 
 import csv
@@ -13,16 +15,23 @@ import os
 from typing import Optional, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tqdm
 
-from densenet_jax import folder_listing, input_pipeline, steps, train
+from densenet_jax import config_validation, datasets, folder_listing, inference, input_pipeline
+from densenet_jax import errors, run_setup
 from densenet_jax import preprocessing as pp
-from densenet_jax.datasets import NORMALIZATION
+from densenet_jax.settings import RunSettings
 
 IMAGENET_CLASSES = os.path.join(os.path.dirname(__file__), 'data', 'imagenet_classes.tsv')
+IMAGENET = 'imagenet2012'  # its 1,000 classes ship with the package
 BATCH = 32  # images per forward pass (the last one padded: one compile)
+
+
+class MissingImages(errors.UserError, FileNotFoundError):
+  """An --images path that does not exist."""
 
 
 def imagenet_classes() -> list:
@@ -43,7 +52,7 @@ def image_files(paths: Sequence[str]) -> list:
     elif os.path.exists(path):
       files.append(path)
     else:
-      raise FileNotFoundError(f'--images: {path}: no such file or directory')
+      raise MissingImages(f'--images: {path}: no such file or directory')
   return files
 
 
@@ -74,32 +83,29 @@ class Predictions:
                                   for v in (self.class_names[c], f'{p:.6f}')])
 
 
-def _data(config, workdir: Optional[str]):
-  """(DatasetInfo for the model, fn(encoded bytes) -> uint8 eval image, the device's
-  transform of those images)."""
-  record = train.read_classes(workdir) if workdir else None
-  if record is not None:
-    names, shape = record['class_names'], tuple(record['image_shape'])
-    normalization = record.get('normalization') or NORMALIZATION.get(config.dataset)
-  elif config.dataset == 'imagenet2012':
-    names, shape = [n for _, n in imagenet_classes()], (pp.CROP_SIZE, pp.CROP_SIZE, 3)
-    normalization = NORMALIZATION['imagenet2012']
+def _data(settings: RunSettings, workdir: Optional[str]) -> input_pipeline.Data:
+  """The data as the model saw it: its classes, input shape, normalization and eval transform.
+  From the run's classes.json (the data may have moved since), else ImageNet's classes for an
+  ImageNet model (no prepared ImageNet needed), else the dataset's own."""
+  options = settings.data
+  record = run_setup.read_classes(workdir) if workdir else None
+  if record is None and options.dataset != IMAGENET:
+    return run_setup.open_data(options)
+  if record is None:
+    spec = datasets.SPECS[IMAGENET]
+    names, shape = [n for _, n in imagenet_classes()], datasets.image_shape(spec)
+    normalization = spec.normalization
   else:
-    info = train.dataset_info_of(config)
-    names, shape, normalization = list(info.class_names), info.image_shape, info.normalization
-  host_transform = record.get('folder_transform') if record is not None else None
-  if host_transform is not None and 'mean' in host_transform:  # a run of an earlier version
-    normalization = (255.0, host_transform.pop('mean'), host_transform.pop('std'))
-  info = input_pipeline.DatasetInfo(config.dataset, len(names), shape, 0, {}, (), tuple(names),
-                                    tuple(normalization))
-  device_transform = input_pipeline.device_transform(info, train=False)
-  if host_transform is not None:
-    return info, lambda encoded: pp.folder_eval(encoded, **host_transform), device_transform
-  preprocess = input_pipeline.example_preprocessor(
-      config.dataset, train=False, eval_resize=config.eval_resize, image_size=config.image_size,
-      folder_options=train.data_options(config)['folder_options'])
-  return (info, lambda encoded: preprocess({'image': encoded, 'label': 0})['image'],
-          device_transform)
+    names, shape = record['class_names'], tuple(record['image_shape'])
+    normalization = tuple(record['normalization'])
+  folder_transform = (record or {}).get('folder_transform')
+  if folder_transform is not None:  # the run's own eval transform, not today's config.folder
+    options = dataclasses.replace(options, image_size=folder_transform['size'], folder=(
+        dataclasses.replace(options.folder, eval_transform=folder_transform['transform'],
+                            center_crop_ratio=folder_transform['crop_ratio'])))
+  info = datasets.DatasetInfo(options.dataset, len(names), shape, 0, {}, (), tuple(names),
+                              tuple(normalization))
+  return input_pipeline.Data(options, info=info)
 
 
 def _load(files: list, transform) -> tuple:
@@ -117,15 +123,24 @@ def _load(files: list, transform) -> tuple:
   return kept, images, unreadable
 
 
-def predict(config, workdir: Optional[str], paths: Sequence[str], top_k: int = 5) -> Predictions:
+def predict(config: ml_collections.ConfigDict, workdir: Optional[str], paths: Sequence[str],
+            top_k: int = 5) -> Predictions:
   """Top-k classes of every image file under `paths`, decoded and scored BATCH files at a
   time (host memory stays that of one batch however many files there are)."""
-  info, transform, device_transform = _data(config, workdir)
-  state = train.state_for_evaluation(config, workdir, info)
+  config_validation.validate(config, jax.device_count(), data=False)
+  return predict_files(RunSettings.from_config(config), workdir, image_files(paths), top_k)
+
+
+def predict_files(settings: RunSettings, workdir: Optional[str], files: Sequence[str],
+                  top_k: int = 5) -> Predictions:
+  """`predict` on a validated config's settings and a list of files."""
+  data = _data(settings, workdir)
+  info, transform = data.info, data.eval_preprocessor()
+  device_transform = data.device_transform(train=False)
+  state = run_setup.inference_state(settings, workdir, info)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   logits_fn = jax.jit(lambda v, x: state.apply_fn(
-      v, steps.model_input(device_transform, {'image': x}), train=False))
-  files = image_files(paths)
+      v, inference.model_input(device_transform, {'image': x}), train=False))
   k = min(top_k, info.num_classes)
   kept, unreadable, top_classes, top_probabilities = [], [], [], []
   for start in tqdm.trange(0, len(files), BATCH, desc='predict', disable=len(files) <= BATCH):

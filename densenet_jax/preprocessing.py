@@ -8,19 +8,20 @@ shifts, are stateless: they take a `key`, an int64 tensor of shape [2] (the seed
 Constants and formulas, with their sources, are in docs/reference.md; the ImageNet ones are
 those of fb.resnet.torch.
 
-TensorFlow is kept off the GPUs here, in the first module of the package that imports it, so the
-input pipeline never takes accelerator memory from JAX.
+`HOST_OPS` names the host's work on one example for the dataset table (datasets.DatasetSpec's
+host_train and host_eval).
 """
 
+import dataclasses
 import re
+from typing import Optional
 
 import tensorflow as tf
 
-from densenet_jax.datasets import DIGITS_PAD, RESIZE_METHODS
+from densenet_jax.datasets import (DIGITS_PAD, IMAGENET_CROP_SIZE, RESIZE_METHODS, DatasetSpec,
+                                   FolderOptions)
 
-tf.config.set_visible_devices([], 'GPU')
-
-CROP_SIZE = 224
+CROP_SIZE = IMAGENET_CROP_SIZE
 RESIZE_SIZE = 256
 MIN_CROP_AREA = 0.08
 CROP_TRIES = 10
@@ -194,3 +195,41 @@ def folder_train(encoded, key, size, transform, crop_ratio, augmentation):
     return random_sized_crop(encoded, tf.random.experimental.stateless_split(key, 4)[0], size)
   return folder_eval(encoded, size, transform, crop_ratio)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The host's work on one example, by the names the dataset table uses.
+
+@dataclasses.dataclass(frozen=True)
+class HostView:
+  """What the host makes of an image: the side it is fed at (`size`, for datasets whose stored
+  size varies), the evaluation's resize and crops, and a folder's options."""
+  size: int
+  eval_resize: str = 'bicubic'
+  ten_crop: bool = False
+  folder: Optional[FolderOptions] = None
+
+  @property
+  def folder_transform(self) -> dict:
+    """folder_eval's keyword arguments (recorded in a run's classes.json)."""
+    return dict(size=self.size, transform=self.folder.eval_transform,
+                crop_ratio=self.folder.center_crop_ratio)
+
+
+def _decode(encoded, key, spec: DatasetSpec, view: HostView):
+  del key, view
+  return tf.ensure_shape(tf.io.decode_image(encoded, channels=spec.image_shape[2],
+                                            expand_animations=False), spec.image_shape)
+
+
+HOST_OPS = {  # name -> fn(encoded bytes, key or None, DatasetSpec, HostView) -> uint8 image
+    'decode': _decode,
+    'digits_shift': lambda encoded, key, spec, view: digits_shift(
+        _decode(encoded, None, spec, view), key),
+    'imagenet_crop': lambda encoded, key, spec, view: imagenet_train(encoded, key),
+    'imagenet_eval': lambda encoded, key, spec, view: imagenet_eval(
+        encoded, view.eval_resize, view.ten_crop),
+    'folder_train': lambda encoded, key, spec, view: folder_train(
+        encoded, key, **view.folder_transform, augmentation=view.folder.augmentation),
+    'folder_eval': lambda encoded, key, spec, view: folder_eval(encoded, **view.folder_transform),
+}

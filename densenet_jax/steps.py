@@ -1,10 +1,9 @@
-"""The optimizer, the learning-rate schedule, the train state and the per-device train/eval steps.
+"""Training on a device: the optimizer, the learning-rate schedule, the train state and the
+per-device train step, and the XLA options it is compiled with.
 
 Pure JAX/Flax/optax: no TensorFlow, data or checkpoint code, so the benchmark and a GPU machine
-without TensorFlow can import it. `train.py` pmaps these steps over all local devices. The steps
-take the input pipeline's uint8 batches and make the model's input with an
-`augment.DeviceTransform` (normalization, and for training the augmentation); without one the
-batch's images are the model's input as they are.
+without TensorFlow can import it. `train.py` pmaps the step over all local devices; the model's
+input, the losses and the eval step are densenet_jax/inference.py's.
 """
 
 import ctypes
@@ -17,9 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from densenet_jax import augment
-
-AXIS_NAME = 'batch'  # the pmap axis: BN statistics and gradients are averaged over it
+from densenet_jax import augment, inference
+from densenet_jax.inference import AXIS_NAME, cross_entropy, model_input, per_example_errors
 
 
 def compiler_options(platform: str) -> dict:
@@ -82,34 +80,9 @@ def create_train_state(model: nn.Module, rng: jax.Array, image_shape: Sequence[i
 
   rng: a typed key (jax.random.key); the state's dropout_rng is one too.
   """
-  init_rng, dropout_rng = jax.random.split(rng)
-  dummy = jnp.zeros((1, *image_shape), jnp.float32)
-  variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_rng)
+  variables, dropout_rng = inference.init_variables(model, rng, image_shape)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables.get('batch_stats', {}), tx=tx,
-                           dropout_rng=dropout_rng)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy in float32 (float64 for float64 logits)."""
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def per_example_errors(logits: jax.Array, labels: jax.Array, top5: bool) -> dict:
-  """Per-example 0/1 top-1 (and top-5) errors."""
-  errors = {'top1_error': (jnp.argmax(logits, -1) != labels).astype(jnp.float32)}
-  if top5:
-    _, top = jax.lax.top_k(logits, 5)
-    errors['top5_error'] = 1.0 - jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-  return errors
-
-
-def model_input(transform: Optional[augment.DeviceTransform], batch: dict) -> jax.Array:
-  """The batch's images as the model's input (`transform` of the uint8 images, or as they are)."""
-  if transform is None:
-    return batch['image']
-  return augment.apply(transform, batch['image'], batch.get('epoch'), batch.get('index'))
+                           batch_stats=variables['batch_stats'], tx=tx, dropout_rng=dropout_rng)
 
 
 def train_step(state: TrainState, batch: dict, *, learning_rate_fn: Callable,
@@ -146,39 +119,3 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn: Callable,
       [jnp.isfinite(loss)] + [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   return state, metrics
-
-
-def eval_step(state: TrainState, batch: dict, *,
-              transform: Optional[augment.DeviceTransform] = None, top5: bool = False,
-              confusion: bool = False, axis_name: Optional[str] = AXIS_NAME) -> dict:
-  """Sums of loss and errors over the examples whose mask is 1 (padding has mask 0); with
-  `confusion`, also the confusion matrix counts [true class, predicted class].
-
-  An image batch of shape [batch, crops, H, W, C] (10-crop) is scored by the mean of the crops'
-  logits.
-  """
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  images = model_input(transform, batch)
-  if images.ndim == 5:
-    crops = images.shape[1]
-    logits = state.apply_fn(variables, images.reshape(-1, *images.shape[2:]), train=False)
-    logits = logits.reshape(-1, crops, logits.shape[-1]).mean(axis=1)
-  else:
-    logits = state.apply_fn(variables, images, train=False)
-  mask = batch['mask'].astype(jnp.float32)
-  per_example = per_example_errors(logits, batch['label'], top5)
-  per_example['loss'] = cross_entropy(logits, batch['label'])
-  sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
-  sums['count'] = jnp.sum(mask)
-  if confusion:
-    num_classes = logits.shape[-1]
-    sums['confusion'] = jnp.zeros((num_classes, num_classes), jnp.float32).at[
-        batch['label'], jnp.argmax(logits, -1)].add(mask)
-  if axis_name is not None:
-    sums = jax.lax.psum(sums, axis_name)
-  return sums
-
-
-def average_batch_stats(batch_stats, axis_name: str = AXIS_NAME):
-  """Mean of per-device BN running statistics (used when BN statistics are per device)."""
-  return jax.lax.pmean(batch_stats, axis_name)

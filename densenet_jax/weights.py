@@ -5,7 +5,7 @@
 (`$DENSENET_JAX_WEIGHTS_DIR`, default ~/.cache/densenet_jax/weights), checks it against the
 published hash (torchvision: the sha256 prefix in its file name, which torch.hub checks; Keras:
 the md5 that keras.applications passes to get_file), converts it once to this project's variables
-and keeps that copy (an .npz), so later runs need neither the network nor torch nor Keras.
+(weight_sources.published) and keeps that copy (an .npz), so later runs need neither the network nor torch nor Keras.
 
 Every file is written under a temporary name in the cache directory and renamed when complete:
 a failed or cut download leaves nothing behind, and processes that download at once each rename
@@ -23,6 +23,8 @@ import tempfile
 import urllib.error
 import urllib.request
 
+from densenet_jax import errors
+
 _TORCHVISION = 'https://download.pytorch.org/models/'
 _KERAS = 'https://storage.googleapis.com/tensorflow/keras-applications/densenet/'
 
@@ -34,6 +36,9 @@ class Published:
   algorithm: str  # 'sha256' or 'md5'
   digest: str  # the hex digest, or its prefix (torchvision publishes 8 characters of sha256)
   model: str  # the name in architectures.NAMED it converts to
+  # The ImageNet eval resize its publisher's accuracies were measured with (antialiased
+  # bilinear to 256, center crop 224: docs/reference.md), used unless config.eval_resize is set.
+  eval_resize: str = 'bilinear'
 
   @property
   def file_name(self) -> str:
@@ -61,7 +66,7 @@ PUBLISHED = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(errors.UserError, RuntimeError):
   """A published file could not be fetched or verified; nothing was written."""
 
 
@@ -80,7 +85,7 @@ def _url(published: Published) -> str:
   return f'{mirror.rstrip("/")}/{published.file_name}' if mirror else published.url
 
 
-def _write_atomically(path: str, write):
+def write_atomically(path: str, write):
   """Calls write(file object) on a temporary file next to path, then renames it to path; on any
   error the temporary file is removed and path is left as it was."""
   directory = os.path.dirname(path)
@@ -126,34 +131,5 @@ def download(published: Published, directory: str, timeout: float = 60) -> str:
                           f'published {published.digest} (a corrupt or different file); nothing '
                           'was kept')
 
-  _write_atomically(path, fetch)
+  write_atomically(path, fetch)
   return path
-
-
-def _convert(published: Published, path: str) -> dict:
-  from densenet_jax import convert  # pylint: disable=import-outside-toplevel
-  if published.algorithm == 'sha256':  # torchvision's state_dict
-    return convert.from_torchvision(path)
-  import keras  # pylint: disable=import-outside-toplevel
-  builder = {'densenet121': keras.applications.DenseNet121,
-             'densenet169': keras.applications.DenseNet169,
-             'densenet201': keras.applications.DenseNet201}[published.model]
-  return convert.from_keras(builder(weights=path, classifier_activation=None))
-
-
-def load(init_from: str, directory: str = None) -> dict:
-  """{'params', 'batch_stats'} of published weights ('torchvision:densenet121', ...): the cached
-  converted copy, else the published file (downloaded if needed) converted and cached."""
-  if init_from not in PUBLISHED:
-    raise ValueError(f'init_from={init_from!r}: published weights are {", ".join(PUBLISHED)}')
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  published, directory = PUBLISHED[init_from], directory or cache_dir()
-  converted = os.path.join(directory, f'{published.file_name}.converted.npz')
-  if os.path.exists(converted):
-    with np.load(converted) as flat:
-      return traverse_util.unflatten_dict({tuple(k.split('/')): flat[k] for k in flat.files})
-  variables = _convert(published, download(published, directory))
-  flat = {'/'.join(k): v for k, v in traverse_util.flatten_dict(variables).items()}
-  _write_atomically(converted, lambda f: np.savez(f, **flat))
-  return variables

@@ -226,7 +226,7 @@ def synthetic_batch(spec):
   import jax.numpy as jnp
 
   from densenet_jax import augment
-  from densenet_jax.datasets import CIFAR_PAD, NORMALIZATION
+  from densenet_jax.datasets import CIFAR_PAD, SPECS
 
   b, size = spec['batch_size'], spec['image_size']
   labels = jax.random.randint(jax.random.key(2), (b,), 0, spec['num_classes'])
@@ -237,9 +237,9 @@ def synthetic_batch(spec):
   batch = {'image': images, 'label': labels, 'epoch': jnp.zeros(b, jnp.int32),
            'index': jnp.arange(b, dtype=jnp.int32)}
   if size >= 224:
-    scale, mean, std = NORMALIZATION['imagenet2012']
+    scale, mean, std = SPECS['imagenet2012'].normalization
     return batch, augment.DeviceTransform(scale, mean, std, photometric=True, flip=True)
-  scale, mean, std = NORMALIZATION['cifar10']
+  scale, mean, std = SPECS['cifar10'].normalization
   return batch, augment.DeviceTransform(scale, mean, std, translate=CIFAR_PAD, fill=mean,
                                         flip=True)
 

@@ -46,11 +46,11 @@ def extract(revision: str, into: str) -> str:
 
 def cifar_shaped(data_dir: str):
   """A 5,000 + 1,000 image cifar10 in data_dir (random pixels, as the tests' fixtures)."""
-  sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
-  import tfds_fixtures  # pylint: disable=import-outside-toplevel
+  sys.path[:0] = [ROOT]
+  from experiments import tiny_tfds  # pylint: disable=import-outside-toplevel
   train, test = np.arange(5000), np.arange(5000, 6000)
-  tfds_fixtures.store('cifar10', data_dir, {'train': (train, train % 10),
-                                            'test': (test, test % 10)})
+  tiny_tfds.store('cifar10', data_dir, {'train': (train, train % 10),
+                                         'test': (test, test % 10)})
 
 
 def run(code_root: str, args: list, workdir: str) -> tuple:

@@ -42,11 +42,11 @@ def batches(data_dir: str, roll: int):
   import jax
 
   from densenet_jax import input_pipeline
+  from densenet_jax.datasets import DataOptions
   from densenet_jax.devices import Topology
   shards = (0, 1) if jax.process_count() == 1 else (jax.process_index(),)
-  iterators = [input_pipeline.create_train_iterator(
-      'cifar10', data_dir=data_dir, seed=0,
-      topology=Topology(BATCH, i, process_count=2, local_device_count=2)) for i in shards]
+  iterators = [input_pipeline.Data(DataOptions('cifar10', data_dir)).train_iterator(
+      Topology(BATCH, i, process_count=2, local_device_count=2)) for i in shards]
   while True:
     parts = [next(it) for it in iterators]
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -60,17 +60,17 @@ def train(dtype: str, roll: int, data_dir: str) -> dict:
 
   import jax
 
-  from densenet_jax import devices, input_pipeline, models, steps
+  from densenet_jax import devices, inference, input_pipeline, models, steps
+  from densenet_jax.datasets import DataOptions
 
   model = models.create_model('densenet40_k12', depth=7, growth_rate=4, num_classes=10,
-                              dtype=dtype, axis_name=steps.AXIS_NAME)
+                              dtype=dtype, axis_name=inference.AXIS_NAME)
   learning_rate_fn = steps.learning_rate_schedule(LEARNING_RATE, STEPS_PER_EPOCH, (2.5,))
   tx = steps.sgd_nesterov(learning_rate_fn, 0.9, 1e-4)
   state = steps.create_train_state(model, jax.random.key(0), (32, 32, 3), tx)
-  transform = input_pipeline.device_transform(input_pipeline.dataset_info('cifar10', data_dir),
-                                              train=True, seed=0)
+  transform = input_pipeline.Data(DataOptions('cifar10', data_dir)).device_transform(train=True)
   p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
-                                      transform=transform), axis_name=steps.AXIS_NAME)
+                                      transform=transform), axis_name=inference.AXIS_NAME)
   p_state = devices.replicate(state)
   losses, params = [], {}
   for step, batch in zip(range(1, STEPS + 1), batches(data_dir, roll)):
@@ -150,9 +150,9 @@ def main():
   if args.worker:
     return worker(args)
   with tempfile.TemporaryDirectory() as tmp:
-    sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
-    import tfds_fixtures  # the multi-host test's data
-    tfds_fixtures.store('cifar10', os.path.join(tmp, 'tfds'), {
+    sys.path[:0] = [ROOT]
+    from experiments import tiny_tfds  # the multi-host test's data
+    tiny_tfds.store('cifar10', os.path.join(tmp, 'tfds'), {
         'train': (np.arange(NUM_TRAIN), np.arange(NUM_TRAIN) % 10),
         'test': (np.arange(1000, 1010), np.arange(10))})
     losses = {dtype: compare(dtype, tmp) for dtype in ('float32', 'float64')}

@@ -58,8 +58,11 @@ def measure(name, encoded, count, train, threads) -> dict:
   """Runs in the process of the code measured (this checkout's or --before's)."""
   import tensorflow as tf
 
-  from densenet_jax import input_pipeline
-  preprocess = input_pipeline.example_preprocessor(name, train=train, seed=0)
+  from densenet_jax import datasets, input_pipeline, runtime
+  runtime.keep_tensorflow_off_accelerators()
+  spec = datasets.SPECS[name]
+  view = input_pipeline.host_view(datasets.DataOptions(name), spec)
+  preprocess = input_pipeline.example_preprocessor(spec, view, train=train, seed=0)
   encoded = [encoded[i % len(encoded)] for i in range(count)]
   examples = tf.data.Dataset.from_tensor_slices({
       'image': encoded, 'label': np.zeros(count, np.int32),
@@ -137,8 +140,8 @@ def print_rows(side: str, results: list, cores: int):
 
 def print_buffers(data: dict):
   sys.path.insert(0, ROOT)
-  from densenet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  buffer = input_pipeline.IMAGENET_SHUFFLE_BUFFER
+  from densenet_jax import datasets  # pylint: disable=import-outside-toplevel
+  buffer = datasets.SPECS['imagenet2012'].shuffle_buffer
   jpeg, png = (np.mean([len(x) for x in data[k]]) for k in ('jpegs', 'cifar'))
   print(f'\nShuffle buffers hold encoded bytes, before and after (decoding follows the shuffle). '
         f'ImageNet: {buffer:,} examples per process x {IMAGENET_MEAN_JPEG_BYTES / 1e3:.0f} KB '

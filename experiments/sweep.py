@@ -39,12 +39,11 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # before TensorFlow loads: no INFO banners
 
 import jax
-from absl import flags
-from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # densenet_jax, and `configs` for the config files
-from densenet_jax import analysis, config_validation  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from densenet_jax import analysis, config_loading, config_validation
 MAIN = os.path.join(REPO, 'main.py')
 SYNTAX = 'KEY=V1,V2,... lists joined by " + " (zip) and " x " (product)'
 
@@ -154,16 +153,6 @@ def make_points(config, axes: list) -> list:
   return points
 
 
-def load_config(config: str, overrides=()):
-  """The ConfigDict that main.py builds from --config=config --config.KEY=VALUE ..."""
-  argv = ['main.py', f'--config={config}', *(f'--config.{k}={v}' for k, v in overrides)]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, flag_values=values, lock_config=True,
-                                  sys_argv=argv)
-  values(argv)
-  return values.config
-
-
 def _last_line(error: Exception) -> str:
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return lines[-1] if lines else type(error).__name__
@@ -179,7 +168,7 @@ def check_points(points: list) -> list:
   for point in points:
     if point.config not in bases:
       try:
-        bases[point.config] = load_config(point.config)
+        bases[point.config] = config_loading.load(point.config)
       except Exception as e:  # config_flags raises several types for a bad file or argument
         raise ValueError(f'config {point.config!r}: {_last_line(e)}') from e
     for key, _ in point.overrides:
@@ -187,7 +176,7 @@ def check_points(points: list) -> list:
       if reason:
         raise ValueError(f'unknown config key {key!r} ({point.config}): {reason}')
     try:
-      configs.append(load_config(point.config, point.overrides))
+      configs.append(config_loading.load(point.config, point.overrides))
       config_validation.validate(configs[-1], device_count=1)
     except Exception as e:
       raise ValueError(f'point {point.name}: {_last_line(e)}') from e
@@ -260,11 +249,11 @@ def result_row(point: Point, config, results: dict, gmacs: float) -> dict:
 def multiply_adds(config) -> float:
   """G multiply-adds of one forward pass at the size the run is fed (3 input channels assumed)."""
   # TensorFlow (input pipeline) loads only here, so checking and --print stay fast.
-  from densenet_jax import costs, input_pipeline, train  # pylint: disable=import-outside-toplevel
-  info = input_pipeline.dataset_info(config.dataset, config.data_dir,
-                                     holdout_validation=config.holdout_validation,
-                                     image_size=config.image_size)
-  model = train.create_model_from_config(config, info.num_classes)
+  # pylint: disable=import-outside-toplevel
+  from densenet_jax import costs, run_setup, settings
+  run = settings.RunSettings.from_config(config)
+  info = run_setup.open_data(run.data).info
+  model = run_setup.build_model(run.model, info.num_classes)
   return costs.count_multiply_adds(model, info.image_shape[0]) / 1e9
 
 

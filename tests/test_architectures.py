@@ -86,7 +86,8 @@ def test_paper_result_only_for_the_papers_networks():
 
 
 def test_the_digits_and_quick_configs_name_what_they_build():
-  from densenet_jax.train import architecture_of
+  from densenet_jax.settings import ModelSettings
+  architecture_of = lambda config: ModelSettings.from_config(config).architecture
   assert architecture_of(digits.get_config()).name == 'densenet_bc22_k12'
   assert architecture_of(cifar.get_config('densenet_bc100_k12,c10+,quick')).name == (
       'densenet_bc10_k12')

@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 
 from densenet_jax import augment
-from densenet_jax.datasets import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION
-from tfds_fixtures import sample_photos
+from densenet_jax.datasets import IMAGENET_MEAN, IMAGENET_STD, SPECS
+from experiments.tiny_tfds import sample_photos
 
 EIGVAL, EIGVEC = np.array(augment.PCA_EIGVAL), np.array(augment.PCA_EIGVEC)
 # float32 rounding of the blends on [0, 1] images: the same computation in float64 differs by
@@ -142,7 +142,7 @@ def test_apply_normalizes_uint8_and_keeps_10_crop_layout():
   out = np.asarray(augment.apply(transform(), jnp.asarray(images)))
   expected = (images / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
   np.testing.assert_allclose(out, expected, atol=2e-6)  # float32 of values within +-2.2
-  scale, mean, std = NORMALIZATION['cifar10']
+  scale, mean, std = SPECS['cifar10'].normalization
   cifar = augment.DeviceTransform(scale=scale, mean=mean, std=std)
   np.testing.assert_allclose(augment.apply(cifar, jnp.asarray(images[:, 0])),
                              (images[:, 0] - np.array(mean)) / np.array(std), atol=2e-6)

@@ -8,8 +8,16 @@ import jax.numpy as jnp
 import pytest
 
 from configs import cifar
-from densenet_jax import architectures, config_validation, models, steps
-from densenet_jax.train import architecture_of, create_model_from_config
+from densenet_jax import architectures, config_validation, inference, models, run_setup, steps
+from densenet_jax.settings import ModelSettings
+
+
+def architecture_of(config) -> architectures.Architecture:
+  return ModelSettings.from_config(config).architecture
+
+
+def create_model_from_config(config, num_classes: int) -> models.DenseNet:
+  return run_setup.build_model(ModelSettings.from_config(config), num_classes)
 
 TABLE2 = [(m, d) for m in architectures.TABLE2 for d in architectures.TABLE2_COLUMNS]
 EIGHT_DEVICES = 8  # one GPU server or TPU host: every config must run there unchanged
@@ -38,7 +46,7 @@ def test_table2_config_has_the_paper_hyperparameters(model_name, dataset):
   assert architecture_of(config) == architectures.NAMED[model_name]
   model = create_model_from_config(config, num_classes=10)
   assert model == models.create_model(model_name, num_classes=10, dropout_rate=model.dropout_rate,
-                                      axis_name=steps.AXIS_NAME)
+                                      axis_name=inference.AXIS_NAME)
   config_validation.validate(config, EIGHT_DEVICES)
 
 
@@ -67,7 +75,7 @@ def test_table3_config_has_the_paper_hyperparameters(name):
   assert architecture_of(config) == architectures.NAMED[f'densenet{name}']
   model = create_model_from_config(config, num_classes=1000)
   assert model == models.create_model(f'densenet{name}', num_classes=1000,
-                                      axis_name=steps.AXIS_NAME)
+                                      axis_name=inference.AXIS_NAME)
   config_validation.validate(config, EIGHT_DEVICES)
 
 

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from densenet_jax import convert, costs, models
+from densenet_jax import convert, models
+import helpers
 
 IMAGE_SIZE = 64  # ImageNet DenseNets at 64x64: blocks at 16, 8, 4 and 2 pixels
 NUM_CLASSES = 10
@@ -67,62 +68,18 @@ def assert_trees_equal(got, expected):
 # ---------------------------------------------------------------------------------------------
 # Mapping with numpy alone: our random variables -> torchvision state_dict -> from_torchvision.
 
-_TORCH_MODULES = {'stem_conv': 'features.conv0', 'stem_norm': 'features.norm0',
-                  'head_norm': 'features.norm5', 'classifier': 'classifier'}
-_TORCH_LEAVES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-                 'var': 'running_var'}
-
-
-def torch_key(path) -> str:
-  """torchvision's current name of one of our variables, path like ('params', 'block1', ...)."""
-  _, *module, leaf = path
-  joined = '/'.join(module)
-  if joined in _TORCH_MODULES:
-    name = _TORCH_MODULES[joined]
-  elif joined.startswith('block'):
-    block, layer, unit, op = module
-    number = 1 if unit == 'bottleneck' else 2
-    name = f'features.denseblock{block[5:]}.denselayer{layer[5:]}.{op}{number}'
-  else:
-    transition, _, op = module
-    name = f'features.transition{transition[10:]}.{op}'
-  return f'{name}.{_TORCH_LEAVES[leaf]}'
-
-
-def torchvision_state_dict(variables, legacy=False) -> dict:
-  """The inverse of from_torchvision, with num_batches_tracked counters like torch's."""
-  state_dict = {}
-  for path, value in jax.tree.flatten_with_path(variables)[0]:
-    path = tuple(k.key for k in path)
-    key = torch_key(path)
-    if path[-1] == 'kernel':
-      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-    if legacy:  # norm1.weight -> norm.1.weight, as in torchvision's old .pth files
-      key = re.sub(r'\.(norm|conv)([12])\.(\w+)$', r'.\1.\2.\3', key)
-    state_dict[key] = value
-    if key.endswith('running_var'):
-      state_dict[key.replace('running_var', 'num_batches_tracked')] = np.array(1000, np.int64)
-  return state_dict
-
-
-def random_variables(name, rng):
-  shapes = costs.init_shapes(models.create_model(name, num_classes=NUM_CLASSES), 224)
-  return jax.tree.map(
-      lambda s: np.abs(rng.normal(size=s.shape)).astype(np.float32), shapes)
-
-
 @pytest.mark.parametrize('name,legacy', [('densenet121', False), ('densenet121', True),
                                          ('densenet161', True)])
 def test_from_torchvision_recovers_variables_from_numpy_state_dict(name, legacy):
-  variables = random_variables(name, np.random.default_rng(0))
-  state_dict = torchvision_state_dict(variables, legacy)
+  variables = helpers.random_variables(name, np.random.default_rng(0))
+  state_dict = helpers.torchvision_state_dict(variables, legacy)
   assert any('.norm.1.' in key for key in state_dict) == legacy
   assert convert.torchvision_model_name(state_dict) == name
   assert_trees_equal(convert.from_torchvision(state_dict), variables)
 
 
 def test_from_torchvision_rejects_foreign_state_dicts():
-  state_dict = torchvision_state_dict(random_variables('densenet121', np.random.default_rng(0)))
+  state_dict = helpers.torchvision_state_dict(helpers.random_variables('densenet121', np.random.default_rng(0)))
   with pytest.raises(ValueError, match='does not use.*features.extra.weight'):
     convert.from_torchvision({**state_dict, 'features.extra.weight': np.zeros(3)})
   missing = {k: v for k, v in state_dict.items() if k != 'features.norm5.running_var'}

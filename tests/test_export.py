@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from densenet_jax import models, steps
+from densenet_jax import inference, models, steps
 
 PLATFORMS = ['cuda', 'tpu']
 DEVICES = 2
@@ -22,14 +22,14 @@ BATCH, SIZE = 4, 8
 
 def _sharded(step):
   """step mapped over the batch axis of a DEVICES-device mesh; state and outputs replicated."""
-  mesh = Mesh(np.array(jax.devices()[:DEVICES]), (steps.AXIS_NAME,))
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(steps.AXIS_NAME)),
+  mesh = Mesh(np.array(jax.devices()[:DEVICES]), (inference.AXIS_NAME,))
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(inference.AXIS_NAME)),
                                out_specs=P(), check_vma=False))
 
 
 def _abstract_state(memory_efficient: bool, dtype: str):
   model = models.DenseNet(block_sizes=(1, 1), growth_rate=4, bottleneck=True, compression=0.5,
-                          num_classes=10, dropout_rate=0.2, axis_name=steps.AXIS_NAME,
+                          num_classes=10, dropout_rate=0.2, axis_name=inference.AXIS_NAME,
                           memory_efficient=memory_efficient, dtype=dtype)
   lr_fn = steps.learning_rate_schedule(0.1, 10, (5,))
   tx = steps.sgd_nesterov(lr_fn, 0.9, 1e-4)
@@ -59,7 +59,7 @@ def test_train_step_lowers_for_gpu_and_tpu(memory_efficient, dtype):
 
 def test_eval_step_lowers_for_gpu_and_tpu():
   state, _ = _abstract_state(False, 'float32')
-  step = _sharded(functools.partial(steps.eval_step, top5=True, confusion=True))
+  step = _sharded(functools.partial(inference.eval_step, top5=True, confusion=True))
   batch = _batch(mask=jax.ShapeDtypeStruct((BATCH,), jnp.float32))
   exported = jax.export.export(step, platforms=PLATFORMS)(state, batch)
   assert exported.platforms == tuple(PLATFORMS)

@@ -20,9 +20,9 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from densenet_jax import checkpoints, models, steps
-import main_runs
-import tfds_fixtures
+from densenet_jax import checkpoints, models, run_setup, steps
+import helpers
+from experiments import tiny_tfds
 
 DIGITS = ['--config=configs/digits.py', '--config.model.depth=10', '--config.model.growth_rate=6',
           '--config.model.dropout_rate=0.2', '--config.image_size=8', '--config.batch_size=64',
@@ -154,7 +154,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path, state):
                      match=r"not saving step 2: \['params'\]\['classifier'\]\['bias'\] holds NaN"):
     ckpt.save(bad, {'history': [2]})
   ckpt.close()
-  assert main_runs.complete_steps(tmp_path) == [1]
+  assert helpers.complete_steps(tmp_path) == [1]
 
 
 WRITES = ('mkdir', 'write_text', 'write_bytes', 'rename', 'touch')
@@ -189,7 +189,7 @@ def test_failed_writes_are_one_line_errors_and_keep_the_last_checkpoint(tmp_path
   assert str(error.value).startswith(f'cannot write checkpoints to {directory}: [Errno {code}] '
                                      f"{os.strerror(code)}: '{directory / '2'}")
   assert '\n' not in str(error.value)
-  assert main_runs.complete_steps(tmp_path) == [1]
+  assert helpers.complete_steps(tmp_path) == [1]
   monkeypatch.undo()
   with contextlib.closing(checkpoints.Checkpoints(directory)) as ckpt:
     assert int(ckpt.restore(state)[0].step) == 1
@@ -212,9 +212,10 @@ def test_root_cause_of_a_tensorstore_write_error_is_one_line():
 
 @pytest.fixture(scope='module')
 def digits_dir(tmp_path_factory):
-  from densenet_jax import input_pipeline
+  from densenet_jax import datasets, input_pipeline
   data_dir = str(tmp_path_factory.mktemp('digits'))
-  input_pipeline.dataset_info('digits', data_dir)  # prepared once, before runs share it
+  input_pipeline.Data(datasets.DataOptions('digits', data_dir))  # prepared once, before runs
+  # share it
   return data_dir
 
 
@@ -232,7 +233,7 @@ def test_read_only_workdir_fails_before_the_data_is_opened(tmp_path, monkeypatch
   config = digits_config(str(tmp_path / 'no_data'), dataset='cifar10', num_epochs=1,
                          lr_decay_epochs=(0.5,), image_size=None)
   fail_writes(monkeypatch, str(tmp_path / 'run'), errno.EROFS)
-  with pytest.raises(train.RunError, match=r'^workdir .*/run is not writable: \[Errno 30\] '
+  with pytest.raises(run_setup.RunError, match=r'^workdir .*/run is not writable: \[Errno 30\] '
                      r"Read-only file system: '.*/run'$"):
     train.train_and_evaluate(config, str(tmp_path / 'run'))  # cifar10 is not prepared there
 
@@ -247,7 +248,7 @@ def test_full_disk_mid_run_stops_and_keeps_the_last_checkpoint(tmp_path, digits_
                      match=r'^cannot write checkpoints to .*: \[Errno 28\] No space left on '):
     train.train_and_evaluate(digits_config(digits_dir, num_epochs=3, lr_decay_epochs=(2,)),
                              str(workdir))
-  assert main_runs.complete_steps(workdir) == [DIGITS_STEPS_PER_EPOCH]
+  assert helpers.complete_steps(workdir) == [DIGITS_STEPS_PER_EPOCH]
   assert not (workdir / 'results.json').exists()
 
 
@@ -257,13 +258,13 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
   workdir = tmp_path / 'run'
   # After epoch 1 the learning rate jumps to 1e29: the loss overflows within a few steps.
   config = digits_config(digits_dir, num_epochs=2, lr_decay_epochs=(1,), lr_decay_factor=1e30)
-  with pytest.raises(train.RunError, match=r'non-finite loss or gradient at step (\d+)') as e:
+  with pytest.raises(run_setup.RunError, match=r'non-finite loss or gradient at step (\d+)') as e:
     train.train_and_evaluate(config, str(workdir))
   bad_step = int(str(e.value).split('at step ')[1].split()[0])
   assert DIGITS_STEPS_PER_EPOCH < bad_step <= 2 * DIGITS_STEPS_PER_EPOCH
   assert f'the last checkpoint (step {DIGITS_STEPS_PER_EPOCH})' in str(e.value)
-  assert main_runs.complete_steps(workdir) == [DIGITS_STEPS_PER_EPOCH]
-  step, saved, _ = main_runs.last_checkpoint(str(workdir))
+  assert helpers.complete_steps(workdir) == [DIGITS_STEPS_PER_EPOCH]
+  step, saved, _ = helpers.last_checkpoint(str(workdir))
   assert step == DIGITS_STEPS_PER_EPOCH
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved['params']))
 
@@ -286,32 +287,32 @@ def stopped_step(log: str, name: str) -> int:
 def test_signals_and_kill_9_resume_exactly_on_digits(tmp_path, digits_dir):
   args = [*DIGITS, f'--config.data_dir={digits_dir}', '--config.num_epochs=3',
           '--config.lr_decay_epochs=(1.5,2.5)']
-  run = functools.partial(main_runs.start, num_devices=2)
+  run = functools.partial(helpers.start, num_devices=2)
   workdir, reference = f'--workdir={tmp_path / "run"}', f'--workdir={tmp_path / "reference"}'
   uninterrupted = concurrent.futures.ThreadPoolExecutor(1).submit(
-      main_runs.finish, run([*args, reference]))
+      helpers.finish, run([*args, reference]))
 
-  status, log = main_runs.finish(run([*args, workdir]), signal_at=5, signum=signal.SIGTERM)
+  status, log = helpers.finish(run([*args, workdir]), signal_at=5, signum=signal.SIGTERM)
   assert status == 128 + signal.SIGTERM, log[-3000:]
   first = stopped_step(log, 'SIGTERM')
   assert 'run the same command again to resume' in log
-  assert main_runs.complete_steps(tmp_path / 'run')[-1] == first
+  assert helpers.complete_steps(tmp_path / 'run')[-1] == first
 
   # kill -9 after the second eval: no chance to save; the last complete checkpoint is used.
-  status, log = main_runs.finish(run([*args, workdir]), signal_at=2 * DIGITS_STEPS_PER_EPOCH + 3,
+  status, log = helpers.finish(run([*args, workdir]), signal_at=2 * DIGITS_STEPS_PER_EPOCH + 3,
                                  signum=signal.SIGKILL)
   assert status == -signal.SIGKILL and f'Resumed from step {first} ' in log
-  last_complete = main_runs.complete_steps(tmp_path / 'run')[-1]
+  last_complete = helpers.complete_steps(tmp_path / 'run')[-1]
   assert last_complete in (first, DIGITS_STEPS_PER_EPOCH, 2 * DIGITS_STEPS_PER_EPOCH)
 
-  status, log = main_runs.finish(run([*args, workdir]))
+  status, log = helpers.finish(run([*args, workdir]))
   assert status == 0 and f'Resumed from step {last_complete} ' in log, log[-3000:]
   status, log = uninterrupted.result()
   assert status == 0, log[-3000:]
-  step, state, record = main_runs.last_checkpoint(str(tmp_path / 'run'))
-  ref_step, ref_state, ref_record = main_runs.last_checkpoint(str(tmp_path / 'reference'))
+  step, state, record = helpers.last_checkpoint(str(tmp_path / 'run'))
+  ref_step, ref_state, ref_record = helpers.last_checkpoint(str(tmp_path / 'reference'))
   assert step == ref_step == 3 * DIGITS_STEPS_PER_EPOCH
-  main_runs.assert_bitwise_equal(state, ref_state)
+  helpers.assert_bitwise_equal(state, ref_state)
   assert without_speed(record) == without_speed(ref_record)  # each eval once, same metrics
   assert [h['step'] for h in record['history']] == [22, 44, 66]
 
@@ -319,7 +320,7 @@ def test_signals_and_kill_9_resume_exactly_on_digits(tmp_path, digits_dir):
 @pytest.fixture(scope='module')
 def cifar_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('tfds')
-  tfds_fixtures.store('cifar10', root, {'train': (np.arange(96), np.arange(96) % 10),
+  tiny_tfds.store('cifar10', root, {'train': (np.arange(96), np.arange(96) % 10),
                                         'test': (np.arange(1000, 1030), np.arange(30) % 10)})
   return str(root)
 
@@ -329,19 +330,19 @@ def assert_stopped_mid_epoch_resumes_exactly(tmp_path, args, signum, signal_at,
   """A run of main.py stopped by `signum` mid-epoch and resumed ends bitwise equal to an
   uninterrupted one (2 devices each), with the same eval history."""
   reference = concurrent.futures.ThreadPoolExecutor(1).submit(
-      main_runs.finish, main_runs.start([*args, f'--workdir={tmp_path / "reference"}'], 2))
-  status, log = main_runs.finish(main_runs.start([*args, f'--workdir={tmp_path / "run"}'], 2),
+      helpers.finish, helpers.start([*args, f'--workdir={tmp_path / "reference"}'], 2))
+  status, log = helpers.finish(helpers.start([*args, f'--workdir={tmp_path / "run"}'], 2),
                                  signal_at=signal_at, signum=signum)
   assert status == 128 + signum, log[-3000:]
   stopped = stopped_step(log, signum.name)
   assert stopped % steps_per_epoch, 'stopped at an epoch end: the test wants a mid-epoch resume'
-  status, log = main_runs.finish(main_runs.start([*args, f'--workdir={tmp_path / "run"}'], 2))
+  status, log = helpers.finish(helpers.start([*args, f'--workdir={tmp_path / "run"}'], 2))
   assert status == 0 and f'Resumed from step {stopped} ' in log, log[-3000:]
   status, log = reference.result()
   assert status == 0, log[-3000:]
-  _, state, record = main_runs.last_checkpoint(str(tmp_path / 'run'))
-  _, ref_state, ref_record = main_runs.last_checkpoint(str(tmp_path / 'reference'))
-  main_runs.assert_bitwise_equal(state, ref_state)
+  _, state, record = helpers.last_checkpoint(str(tmp_path / 'run'))
+  _, ref_state, ref_record = helpers.last_checkpoint(str(tmp_path / 'reference'))
+  helpers.assert_bitwise_equal(state, ref_state)
   assert without_speed(record) == without_speed(ref_record)
 
 
@@ -358,7 +359,7 @@ def test_augmented_cifar_resumes_exactly_after_sigint(tmp_path, cifar_dir):
 @pytest.fixture(scope='module')
 def imagenet_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('tfds')
-  tfds_fixtures.build_imagenet(root, root / 'manual')  # 12 train, 6 validation JPEGs
+  tiny_tfds.build_imagenet(root, root / 'manual')  # 12 train, 6 validation JPEGs
   return str(root)
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from configs import finetune, imagenet_densenet121
-from densenet_jax import augment, input_pipeline, predict, steps, train
+from densenet_jax import augment, inference, predict, run_setup, settings, train
 from densenet_jax import preprocessing as pp
-from densenet_jax.datasets import NORMALIZATION
-import tfds_fixtures
-from test_weights import keras_densenet121_weights, serve, server  # noqa: F401 (fixture)
+from densenet_jax.datasets import SPECS
+from experiments import tiny_tfds
+import helpers
 
 
 @pytest.fixture
@@ -29,14 +29,14 @@ def fast_compile():
 
 @pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
 def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch, fast_compile):
-  photos = tfds_fixtures.sample_photos()
+  photos = tiny_tfds.sample_photos()
   for i, photo in enumerate(photos):
     split = 'test' if i >= 8 else 'train'
     path = tmp_path / 'photos' / split / ('china', 'flower')[i % 2] / f'{i}.jpg'
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(tfds_fixtures.jpeg(photo))
-  body, _ = keras_densenet121_weights(tmp_path)
-  spec = serve(server, monkeypatch, 'keras:densenet121', body)
+    path.write_bytes(tiny_tfds.jpeg(photo))
+  body, _ = helpers.keras_densenet121_weights(tmp_path)
+  spec = helpers.serve(server, monkeypatch, 'keras:densenet121', body)
   monkeypatch.setenv('DENSENET_JAX_WEIGHTS_DIR', str(tmp_path / 'weights'))
 
   config = finetune.get_config()
@@ -62,17 +62,14 @@ def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch, fast
   assert correct == round((1 - best['top1_error']) * 4)
   # Each file's top-1 is the eval step's argmax for it: the eval pipeline's transform of the
   # files, scored by the eval step against the predicted classes, has no error.
-  options = train.data_options(config)['folder_options']
-  preprocess = input_pipeline.example_preprocessor(
-      config.dataset, train=False, image_size=config.image_size, folder_options=options)
-  images = np.stack([preprocess({'image': open(f, 'rb').read(), 'label': 0})['image'].numpy()
-                     for f in predictions.files])
-  info = train.dataset_info_of(config)
-  state = train.state_for_evaluation(config, workdir, info)
-  sums = steps.eval_step(state, {'image': images, 'label': predictions.top_classes[:, 0],
-                                 'mask': np.ones(4, np.float32)}, axis_name=None,
-                         transform=input_pipeline.device_transform(info, train=False,
-                                                                   folder_options=options))
+  run = settings.RunSettings.from_config(config)
+  data = run_setup.open_data(run.data)
+  preprocess = data.eval_preprocessor()
+  images = np.stack([preprocess(open(f, 'rb').read()).numpy() for f in predictions.files])
+  state = run_setup.inference_state(run, workdir, data.info)
+  sums = inference.eval_step(state, {'image': images, 'label': predictions.top_classes[:, 0],
+                                     'mask': np.ones(4, np.float32)}, axis_name=None,
+                             transform=data.device_transform(train=False))
   assert float(sums['count']) == 4 and float(sums['top1_error']) == 0
   assert json.loads((tmp_path / 'run' / 'results.json').read_text())['final_per_class']
 
@@ -81,21 +78,23 @@ def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch, fast
 def test_predict_with_published_imagenet_weights_names_keras_top_classes(
     server, tmp_path, monkeypatch, fast_compile):
   """--mode=predict without a run: config.init_from's 1000-class weights, ImageNet's class
-  names and eval transform; the top classes are the Keras model's own on the same input."""
-  body, keras_model = keras_densenet121_weights(tmp_path)
-  serve(server, monkeypatch, 'keras:densenet121', body)
+  names and the weights' own eval transform (bilinear resize); the top classes are the Keras
+  model's own on the same input."""
+  body, keras_model = helpers.keras_densenet121_weights(tmp_path)
+  helpers.serve(server, monkeypatch, 'keras:densenet121', body)
   monkeypatch.setenv('DENSENET_JAX_WEIGHTS_DIR', str(tmp_path / 'weights'))
   photos = [tmp_path / f'{i}.jpg' for i in range(2)]
-  for path, photo in zip(photos, tfds_fixtures.sample_photos()):
-    path.write_bytes(tfds_fixtures.jpeg(photo))
+  for path, photo in zip(photos, tiny_tfds.sample_photos()):
+    path.write_bytes(tiny_tfds.jpeg(photo))
   (tmp_path / 'bad.jpg').write_bytes(b'no')
   config = imagenet_densenet121.get_config()
   config.init_from = 'keras:densenet121'
   predictions = predict.predict(config, None, [str(p) for p in photos] +
                                 [str(tmp_path / 'bad.jpg')], top_k=3)
   assert [f for f, _ in predictions.unreadable] == [str(tmp_path / 'bad.jpg')]
-  images = np.stack([pp.imagenet_eval(p.read_bytes()).numpy() for p in photos])
-  normalized = augment.apply(augment.DeviceTransform(*NORMALIZATION['imagenet2012']), images)
+  images = np.stack([pp.imagenet_eval(p.read_bytes(), 'bilinear').numpy() for p in photos])
+  normalized = augment.apply(augment.DeviceTransform(*SPECS['imagenet2012'].normalization),
+                             images)
   expected = np.argsort(-np.asarray(keras_model(np.asarray(normalized), training=False)),
                         axis=1)[:, :3]
   np.testing.assert_array_equal(predictions.top_classes, expected)

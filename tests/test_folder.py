@@ -11,16 +11,23 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from configs import common
-from densenet_jax import augment, config_validation, folder, folder_listing, input_pipeline
+from densenet_jax import augment, config_validation, datasets, folder, folder_listing
+from densenet_jax import input_pipeline
 from densenet_jax import preprocessing as pp
 from densenet_jax.devices import Topology
-import tfds_fixtures
+from experiments import tiny_tfds
 
 
-def options(**overrides) -> input_pipeline.FolderOptions:
+def options(**overrides) -> datasets.FolderOptions:
   fields = common.folder_config().to_dict()
   fields.update(overrides)
-  return input_pipeline.FolderOptions(**fields)
+  return datasets.FolderOptions(**fields)
+
+
+def folder_data(root, data_dir, image_size=None, seed=0, **overrides) -> input_pipeline.Data:
+  return input_pipeline.Data(datasets.DataOptions(
+      f'folder:{root}', str(data_dir), image_size=image_size, seed=seed,
+      folder=options(**overrides)))
 
 
 def encode(image: np.ndarray, fmt: str, mode: str = None) -> bytes:
@@ -40,7 +47,7 @@ def photos(tmp_path):
   """PATH/train/{china,flower}/ in JPEG, PNG (RGB, gray, RGBA), BMP and GIF, two bad files, and
   PATH/test/; returns (root, {relative path: the RGB pixels it must decode to})."""
   root = tmp_path / 'photos'
-  variations = tfds_fixtures.sample_photos()
+  variations = tiny_tfds.sample_photos()
   expected = {}
   for i, image in enumerate(variations[:8]):
     label = ('china', 'flower')[i % 2]
@@ -63,15 +70,13 @@ def photos(tmp_path):
   write(root / 'train/flower/cut.png', encode(variations[1], 'PNG')[:5000])
   write(root / 'train/china/readme.txt', b'ignored: not an image extension')
   for i, label in enumerate(('china', 'flower')):
-    write(root / f'test/{label}/t.jpg', tfds_fixtures.jpeg(variations[10 + i]))
+    write(root / f'test/{label}/t.jpg', tiny_tfds.jpeg(variations[10 + i]))
   return root, expected
 
 
 def prepared(root, data_dir, image_size=None, **overrides):
-  name = f'folder:{root}'
-  info = input_pipeline.dataset_info(name, str(data_dir), image_size=image_size,
-                                     folder_options=options(**overrides))
-  return name, info, input_pipeline._builder(name, str(data_dir), options(**overrides))
+  data = folder_data(root, data_dir, image_size, **overrides)
+  return data.spec.name, data.info, data.builder
 
 
 def test_prepares_kept_files_with_their_original_bytes_and_skips_bad_ones(photos, tmp_path,
@@ -151,17 +156,16 @@ def test_holdout_split_and_batches_cover_every_example_once(photos, tmp_path):
   name, info, _ = prepared(root, tmp_path / 'tfds', holdout_fraction=0.3, image_size=32)
   assert info.eval_splits == ('validation', 'test')
   assert info.num_train + info.num_eval['validation'] == 9
-  batches, steps = input_pipeline.create_eval_iterator(
-      name, 'validation', data_dir=str(tmp_path / 'tfds'), topology=Topology(4), image_size=32,
-      folder_options=options(holdout_fraction=0.3))
+  batches, steps = folder_data(root, tmp_path / 'tfds', image_size=32,
+                               holdout_fraction=0.3).eval_iterator('validation', Topology(4))
   masks = np.concatenate([b['mask'].ravel() for b in batches])
   assert masks.sum() == info.num_eval['validation']
   assert next(iter(batches))['image'].shape == (1, 4, 32, 32, 3)
 
 
 def folder_info(normalization, size):
-  return input_pipeline.DatasetInfo('folder:/photos', 2, (size, size, 3), 1, {}, (), ('a', 'b'),
-                                    normalization)
+  return datasets.DatasetInfo('folder:/photos', 2, (size, size, 3), 1, {}, (), ('a', 'b'),
+                              normalization)
 
 
 def test_eval_transforms_and_normalizations_by_hand():
@@ -174,6 +178,7 @@ def test_eval_transforms_and_normalizations_by_hand():
   assert crop.dtype == np.uint8
   np.testing.assert_array_equal(crop, 200)
   transform = input_pipeline.device_transform(
+      datasets.folder_spec('folder:/photos', options()),
       folder_info((255.0, (0.5,) * 3, (0.25,) * 3), 32), train=False)
   np.testing.assert_allclose(augment.apply(transform, crop[None]), (200 / 255 - 0.5) / 0.25,
                              rtol=1e-6)
@@ -195,9 +200,9 @@ def test_translation_shifts_the_eval_view_and_flips_only_when_asked():
   for flip in (False, True):
     host = pp.folder_train(encoded, np.array([0, 7]), 24, 'resize', 1.0, 'translate').numpy()
     np.testing.assert_array_equal(host, view)  # the shift and the flip are the device's
-    transform = input_pipeline.device_transform(
-        info, train=True, seed=3, folder_options=options(augmentation='translate',
-                                                         translate_pixels=2, flip=flip))
+    spec = datasets.folder_spec('folder:/photos', options(augmentation='translate',
+                                                          translate_pixels=2, flip=flip))
+    transform = input_pipeline.device_transform(spec, info, train=True, seed=3)
     outs = np.asarray(augment.apply(transform, np.stack([view] * 200), np.zeros(200, np.int32),
                                     np.arange(200, dtype=np.int32)))
     for out in outs:
@@ -245,14 +250,12 @@ def test_max_side_stores_scaled_copies_in_their_format(photos, tmp_path):
 def test_class_weights_balance_the_classes(photos, tmp_path):
   root, _ = photos
   name, info, _ = prepared(root, tmp_path / 'tfds', holdout_fraction=0.0, image_size=16)
-  batch = next(input_pipeline.create_train_iterator(
-      name, data_dir=str(tmp_path / 'tfds'), topology=Topology(8), seed=0, image_size=16,
-      folder_options=options(holdout_fraction=0.0, class_weights=True)))
+  batch = next(folder_data(root, tmp_path / 'tfds', image_size=16, holdout_fraction=0.0,
+                           class_weights=True).train_iterator(Topology(8)))
   # 4 china and 5 flower images kept: weights 9 / (2 * 4) and 9 / (2 * 5)
   np.testing.assert_allclose(batch['weight'], np.where(batch['label'] == 0, 9 / 8, 9 / 10),
                              rtol=1e-6)
-  unweighted = next(input_pipeline.create_train_iterator(
-      name, data_dir=str(tmp_path / 'tfds'), topology=Topology(8), seed=0, image_size=16,
-      folder_options=options(holdout_fraction=0.0)))
+  unweighted = next(folder_data(root, tmp_path / 'tfds', image_size=16,
+                                holdout_fraction=0.0).train_iterator(Topology(8)))
   assert 'weight' not in unweighted
   np.testing.assert_array_equal(unweighted['image'], batch['image'])

@@ -10,23 +10,22 @@ devices). The learning rate is 0.01: at 0.1 this tiny model with 2 images per de
 the rounding to 1e-2 in 48 steps.
 """
 
-import concurrent.futures
 import contextlib
 import functools
 import json
 import re
 import signal
-import socket
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from densenet_jax import devices, input_pipeline, models, steps
+from densenet_jax import devices, inference, input_pipeline, models, steps
+from densenet_jax.datasets import DataOptions
 from densenet_jax.devices import Topology
-import main_runs
-import tfds_fixtures
+import helpers
+from experiments import tiny_tfds
 
 NUM_TRAIN, NUM_TEST, BATCH, EPOCHS, LEARNING_RATE = 96, 75, 8, 4, 0.01
 STEPS = NUM_TRAIN // BATCH * EPOCHS
@@ -39,30 +38,10 @@ ARGS = ['--config=configs/cifar.py:densenet40_k12,c10+,quick', '--config.model.g
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('tfds')
-  tfds_fixtures.store('cifar10', root, {
+  tiny_tfds.store('cifar10', root, {
       'train': (np.arange(NUM_TRAIN), np.arange(NUM_TRAIN) % 10),
       'test': (np.arange(1000, 1000 + NUM_TEST), np.arange(NUM_TEST) % 10)})
   return str(root)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-def run_pair(workdir, data_dir, sigterm_process_1_at=None, args=ARGS):
-  """[(exit status, log)] of the two processes of one run."""
-  port = free_port()
-  procs = [main_runs.start([*args, f'--config.data_dir={data_dir}', f'--workdir={workdir}',
-                            f'--coordinator_address=localhost:{port}', '--num_processes=2',
-                            f'--process_id={i}'], num_devices=2) for i in range(2)]
-  finish = functools.partial(main_runs.finish, timeout=300)
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    futures = [pool.submit(finish, procs[0]),
-               pool.submit(finish, procs[1], signal_at=sigterm_process_1_at,
-                           signum=signal.SIGTERM if sigterm_process_1_at else None)]
-    return [f.result() for f in futures]
 
 
 def reference_state(data_dir, roll=0, shards_read=(0, 1)):
@@ -74,18 +53,16 @@ def reference_state(data_dir, roll=0, shards_read=(0, 1)):
   """
   local_devices = jax.local_devices()[:4]
   model = models.create_model('densenet40_k12', depth=7, growth_rate=4, num_classes=10,
-                              axis_name=steps.AXIS_NAME)
+                              axis_name=inference.AXIS_NAME)
   learning_rate_fn = steps.learning_rate_schedule(LEARNING_RATE, NUM_TRAIN // BATCH, (2.5,))
   tx = steps.sgd_nesterov(learning_rate_fn, 0.9, 1e-4)
   state = steps.create_train_state(model, jax.random.key(0), (32, 32, 3), tx)
-  transform = input_pipeline.device_transform(input_pipeline.dataset_info('cifar10', data_dir),
-                                              train=True, seed=0)
+  transform = input_pipeline.Data(DataOptions('cifar10', data_dir)).device_transform(train=True)
   p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
                                       transform=transform),
-                    axis_name=steps.AXIS_NAME, devices=local_devices)
-  shards = [input_pipeline.create_train_iterator(
-      'cifar10', data_dir=data_dir, seed=0,
-      topology=Topology(BATCH, i, process_count=2, local_device_count=2)) for i in shards_read]
+                    axis_name=inference.AXIS_NAME, devices=local_devices)
+  shards = [input_pipeline.Data(DataOptions('cifar10', data_dir)).train_iterator(
+      Topology(BATCH, i, process_count=2, local_device_count=2)) for i in shards_read]
   p_state = devices.replicate(state, local_devices)
   for _ in range(STEPS):
     parts = [next(shard) for shard in shards]
@@ -114,7 +91,8 @@ def largest_difference(a, b) -> dict:
 
 def test_two_processes_train_stop_resume_and_equal_one_process(tmp_path, data_dir):
   workdir = tmp_path / 'run'
-  (status0, log0), (status1, log1) = run_pair(workdir, data_dir, sigterm_process_1_at=14)
+  (status0, log0), (status1, log1) = helpers.run_pair(workdir, data_dir, ARGS,
+                                                       sigterm_process_1_at=14)
   assert status0 == status1 == 128 + signal.SIGTERM, (log0[-3000:], log1[-3000:])
   stops = [re.search(r'stopped by SIGTERM after step (\d+),', log) for log in (log0, log1)]
   assert stops[0] and stops[1] and stops[0].group(1) == stops[1].group(1)
@@ -123,7 +101,7 @@ def test_two_processes_train_stop_resume_and_equal_one_process(tmp_path, data_di
   for log in (log0, log1):  # evaluation ends on both processes, with every test image once
     assert f'step 12 eval test ({NUM_TEST} images)' in log
 
-  (status0, log0), (status1, log1) = run_pair(workdir, data_dir)
+  (status0, log0), (status1, log1) = helpers.run_pair(workdir, data_dir, ARGS)
   assert status0 == status1 == 0, (log0[-3000:], log1[-3000:])
   resumed = [re.search(rf'Resumed from step {stopped} .*\(sum of \|params\| (\S+)\)', log)
              for log in (log0, log1)]
@@ -132,7 +110,7 @@ def test_two_processes_train_stop_resume_and_equal_one_process(tmp_path, data_di
   assert results['final']['step'] == STEPS
   assert results['final']['eval']['test']['count'] == NUM_TEST
 
-  step, state, _ = main_runs.last_checkpoint(str(workdir))
+  step, state, _ = helpers.last_checkpoint(str(workdir))
   assert step == STEPS
   expected = reference_state(data_dir)
   # Control: the same one-process run with its batches' shards rotated over the devices sums

@@ -11,17 +11,16 @@ import shutil
 import numpy as np
 import pytest
 
-import test_multihost
-import test_train
-import tfds_fixtures
+import helpers
+from experiments import tiny_tfds
 
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   root = tmp_path_factory.mktemp('own')
-  counts = tfds_fixtures.digits_folder(root / 'digits')
+  counts = tiny_tfds.digits_folder(root / 'digits')
   workdir = root / 'run'
-  log = test_train.run_main(
+  log = helpers.run_main(
       ['--config=configs/digits.py', f'--config.dataset=folder:{root / "digits"}',
        '--config.num_epochs=2', '--config.lr_decay_epochs=(1.5,)', f'--workdir={workdir}'],
       num_devices=2, data_dir=str(root / 'tfds'))
@@ -56,7 +55,7 @@ def test_trains_like_digits_and_reports_classes(run):
 
 def test_evaluate_prints_per_class_recall_and_the_confusion_matrix(run):
   root, _, workdir, _ = run
-  log = test_train.run_main(['--config=configs/digits.py', f'--config.dataset=folder:{root / "digits"}',
+  log = helpers.run_main(['--config=configs/digits.py', f'--config.dataset=folder:{root / "digits"}',
                              '--mode=evaluate', f'--workdir={workdir}'],
                             num_devices=2, data_dir=str(root / 'tfds'))
   assert 'test: recall per class, then the confusion matrix' in log
@@ -70,7 +69,7 @@ def test_predict_after_the_data_moved_agrees_with_the_test_accuracy(run, tmp_pat
   shutil.copytree(root / 'digits' / 'test', moved / 'test')
   (moved / 'test' / 'junk.png').write_bytes(b'junk')
   csv_path = tmp_path / 'predictions.csv'
-  log = test_train.run_main(
+  log = helpers.run_main(
       ['--config=configs/digits.py', f'--config.dataset=folder:{tmp_path / "gone"}',
        '--mode=predict', f'--workdir={workdir}', f'--images={moved / "test"}',
        f'--predictions_csv={csv_path}', '--top_k=3'], num_devices=1, data_dir=str(tmp_path))
@@ -99,10 +98,10 @@ def test_imagenet_class_names_ship_in_label_order():
 
 def test_two_processes_prepare_once_and_train_on_a_folder(tmp_path):
   """Process 0 prepares the folder while process 1 waits; both then read their shards."""
-  counts = tfds_fixtures.digits_folder(tmp_path / 'digits')
+  counts = tiny_tfds.digits_folder(tmp_path / 'digits')
   workdir = tmp_path / 'run'
-  (status0, log0), (status1, log1) = test_multihost.run_pair(
-      workdir, str(tmp_path / 'tfds'), args=[
+  (status0, log0), (status1, log1) = helpers.run_pair(
+      workdir, str(tmp_path / 'tfds'), [
           '--config=configs/digits.py', f'--config.dataset=folder:{tmp_path / "digits"}',
           '--config.model.depth=10', '--config.model.growth_rate=4', '--config.image_size=8',
           '--config.folder.translate_pixels=1', '--config.num_epochs=1',

@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from densenet_jax import preprocessing as pp
-from tfds_fixtures import jpeg, sample_photos
+from experiments.tiny_tfds import jpeg, sample_photos
 
 def keys(n, salt=0):
   return [tf.constant([salt, i], tf.int64) for i in range(n)]

@@ -7,12 +7,12 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 
-from densenet_jax import augment, convert, input_pipeline, models, steps
+from densenet_jax import augment, convert, inference, input_pipeline, models, weight_sources
+from densenet_jax.datasets import DataOptions
 from densenet_jax.devices import Topology
-import tfds_fixtures
+from experiments import tiny_tfds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 keras = pytest.importorskip('keras')
@@ -39,7 +39,7 @@ def keras_file(tmp_path_factory):
 def test_evaluate_mode_scores_imported_keras_weights_like_keras(tmp_path, keras_file):
   path, keras_model = keras_file
   data_dir = tmp_path / 'tfds'
-  tfds_fixtures.build_imagenet(data_dir, data_dir / 'manual')
+  tiny_tfds.build_imagenet(data_dir, data_dir / 'manual')
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
   proc = subprocess.run(
       [sys.executable, 'main.py', '--config=configs/imagenet_densenet121.py', '--mode=evaluate',
@@ -52,10 +52,9 @@ def test_evaluate_mode_scores_imported_keras_weights_like_keras(tmp_path, keras_
   assert match, proc.stdout[-2000:]
 
   # Keras itself on the same preprocessed (bicubic resize 256, center crop 224) images.
-  batches, _ = input_pipeline.create_eval_iterator(
-      'imagenet2012', 'validation', data_dir=str(data_dir), topology=Topology(8))
-  transform = input_pipeline.device_transform(
-      input_pipeline.dataset_info('imagenet2012', str(data_dir)), train=False)
+  data = input_pipeline.Data(DataOptions('imagenet2012', str(data_dir), eval_resize='bicubic'))
+  batches, _ = data.eval_iterator('validation', Topology(8))
+  transform = data.device_transform(train=False)
   losses, errors, count = [], [], 0
   for batch in batches:
     mask = batch['mask'][0] == 1
@@ -79,14 +78,14 @@ def test_imported_weights_with_other_classes_get_a_new_head(keras_file):
   previous = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', True)  # only the init runs: compile fast
   try:
-    state = steps.create_train_state(model, jax.random.key(0), (32, 32, 3), optax.sgd(0.1))
+    variables, _ = inference.init_variables(model, jax.random.key(0), (32, 32, 3))
   finally:
     jax.config.update('jax_disable_most_optimizations', previous)
-  loaded = convert.load_initial_weights(path, state)
-  np.testing.assert_array_equal(loaded.params['classifier']['kernel'],
-                                state.params['classifier']['kernel'])  # fresh 10-class head
-  np.testing.assert_array_equal(loaded.params['block4']['layer16']['composite']['conv']['kernel'],
-                                imported['params']['block4']['layer16']['composite']['conv']
-                                ['kernel'])
-  np.testing.assert_array_equal(loaded.batch_stats['head_norm']['var'],
+  loaded = weight_sources.load_into(path, variables)
+  np.testing.assert_array_equal(loaded['params']['classifier']['kernel'],
+                                variables['params']['classifier']['kernel'])  # fresh head
+  np.testing.assert_array_equal(
+      loaded['params']['block4']['layer16']['composite']['conv']['kernel'],
+      imported['params']['block4']['layer16']['composite']['conv']['kernel'])
+  np.testing.assert_array_equal(loaded['batch_stats']['head_norm']['var'],
                                 imported['batch_stats']['head_norm']['var'])

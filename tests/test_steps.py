@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from densenet_jax import models, steps
+from densenet_jax import inference, models, steps
 from densenet_jax.devices import replicate
 
 
@@ -58,12 +58,12 @@ def _run_steps(num_devices, batches, cross_replica_bn=True):
   devices = jax.devices()[:num_devices]
   model = models.DenseNet(block_sizes=(2, 2), growth_rate=4, bottleneck=True, compression=0.5,
                           num_classes=10,
-                          axis_name=steps.AXIS_NAME if cross_replica_bn else None)
+                          axis_name=inference.AXIS_NAME if cross_replica_bn else None)
   lr_fn = steps.learning_rate_schedule(0.1, 2, (1,))
   state = steps.create_train_state(model, jax.random.key(0), (16, 16, 3),
                                    steps.sgd_nesterov(lr_fn, 0.9, 1e-4))
   p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=lr_fn),
-                    axis_name=steps.AXIS_NAME, devices=devices)
+                    axis_name=inference.AXIS_NAME, devices=devices)
   p_state = replicate(state, devices)
   for batch in batches:
     shard = {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}
@@ -104,7 +104,8 @@ def test_eval_step_counts_only_unmasked_examples_and_averages_ten_crops():
   images = rng.normal(size=(4, 8, 8, 3)).astype(np.float32)
   labels = np.array([0, 1, 2, 0], np.int32)
   mask = np.array([1, 1, 1, 0], np.float32)
-  sums = steps.eval_step(state, {'image': images, 'label': labels, 'mask': mask}, axis_name=None)
+  sums = inference.eval_step(state, {'image': images, 'label': labels, 'mask': mask},
+                             axis_name=None)
   logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images)
   errors = (np.argmax(logits, -1) != labels)[:3]
   assert float(sums['count']) == 3
@@ -113,7 +114,8 @@ def test_eval_step_counts_only_unmasked_examples_and_averages_ten_crops():
   flipped = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
                            images[:, :, ::-1])
   mean_logits = (np.asarray(logits) + np.asarray(flipped)) / 2
-  sums = steps.eval_step(state, {'image': crops, 'label': labels, 'mask': mask}, axis_name=None)
+  sums = inference.eval_step(state, {'image': crops, 'label': labels, 'mask': mask},
+                             axis_name=None)
   expected = (np.argmax(mean_logits, -1) != labels)[:3].sum()
   assert float(sums['top1_error']) == pytest.approx(expected)
 
@@ -125,7 +127,7 @@ def test_eval_step_confusion_matrix_counts_unmasked_examples_by_true_and_predict
   images = np.random.default_rng(1).normal(size=(6, 8, 8, 3)).astype(np.float32)
   labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
   mask = np.array([1, 1, 1, 1, 1, 0], np.float32)
-  sums = steps.eval_step(state, {'image': images, 'label': labels, 'mask': mask},
+  sums = inference.eval_step(state, {'image': images, 'label': labels, 'mask': mask},
                          confusion=True, axis_name=None)
   predicted = np.argmax(state.apply_fn({'params': state.params,
                                         'batch_stats': state.batch_stats}, images), -1)
@@ -145,7 +147,7 @@ def test_train_step_with_class_weights_minimizes_the_weighted_mean_loss():
   weight = np.array([0.5, 2.0, 1.0, 0.5], np.float32)
   logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
                              train=True, mutable=['batch_stats'])
-  losses = np.asarray(steps.cross_entropy(logits, labels))
+  losses = np.asarray(inference.cross_entropy(logits, labels))
   _, metrics = steps.train_step(state, {'image': images, 'label': labels, 'weight': weight},
                                 learning_rate_fn=lambda step: 0.1, axis_name=None)
   np.testing.assert_allclose(metrics['loss'], np.mean(weight * losses), rtol=1e-6)

@@ -2,23 +2,15 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=configs/digits.py', '--config.model.depth=10', '--config.model.growth_rate=6',
         '--config.image_size=8', '--config.batch_size=64', '--config.log_every_steps=10',
         '--config.lr_decay_epochs=(0.5, 0.75)']
-
-
-def run_main(args, num_devices, data_dir, timeout=300):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices))
-  proc = subprocess.run([sys.executable, 'main.py', *args, f'--config.data_dir={data_dir}'],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  return proc.stderr + proc.stdout
 
 
 @pytest.fixture(scope='module')
@@ -29,7 +21,7 @@ def data_dir(tmp_path_factory):
 @pytest.mark.parametrize('num_devices', [1, 8])
 def test_train_checkpoint_resume_and_evaluate(tmp_path, data_dir, num_devices):
   workdir = str(tmp_path / 'run')
-  log = run_main([*TINY, f'--workdir={workdir}', '--config.num_epochs=1'], num_devices, data_dir)
+  log = helpers.run_main([*TINY, f'--workdir={workdir}', '--config.num_epochs=1'], num_devices, data_dir)
   assert f'{num_devices} devices' in log
   results = json.load(open(os.path.join(workdir, 'results.json')))
   steps_per_epoch = 1437 // 64
@@ -40,7 +32,7 @@ def test_train_checkpoint_resume_and_evaluate(tmp_path, data_dir, num_devices):
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
 
   # Started again with a longer schedule, the run continues from its checkpoint.
-  log = run_main([*TINY, f'--workdir={workdir}', '--config.num_epochs=2'], num_devices, data_dir)
+  log = helpers.run_main([*TINY, f'--workdir={workdir}', '--config.num_epochs=2'], num_devices, data_dir)
   assert f'Resumed from step {steps_per_epoch}' in log
   results = json.load(open(os.path.join(workdir, 'results.json')))
   assert results['final']['step'] == 2 * steps_per_epoch
@@ -48,7 +40,7 @@ def test_train_checkpoint_resume_and_evaluate(tmp_path, data_dir, num_devices):
   error = results['final']['eval']['test']['top1_error']
   assert error < 0.9  # two epochs of a tiny DenseNet already beat chance (0.9)
 
-  log = run_main([*TINY, f'--workdir={workdir}', '--mode=evaluate',
+  log = helpers.run_main([*TINY, f'--workdir={workdir}', '--mode=evaluate',
                   '--config.eval_checkpoint=latest'], num_devices, data_dir)
   assert f'test (360 images, step {2 * steps_per_epoch}): top1_error {100 * error:.2f}%' in log
 
@@ -59,7 +51,7 @@ def test_eval_batches_are_built_once_and_read_at_every_eval(tmp_path, data_dir, 
   from configs import digits
   from densenet_jax import input_pipeline, train
   built, passes = [], []
-  create = input_pipeline.create_eval_iterator
+  create = input_pipeline.Data.eval_iterator
 
   class Counted:
     def __init__(self, batches):
@@ -69,12 +61,12 @@ def test_eval_batches_are_built_once_and_read_at_every_eval(tmp_path, data_dir, 
       passes.append(1)
       return iter(self.batches)
 
-  def counted(*args, **kwargs):
-    batches, num_steps = create(*args, **kwargs)
-    built.append(args[1])
+  def counted(self, split, topology):
+    batches, num_steps = create(self, split, topology)
+    built.append(split)
     return Counted(batches), num_steps
 
-  monkeypatch.setattr(input_pipeline, 'create_eval_iterator', counted)
+  monkeypatch.setattr(input_pipeline.Data, 'eval_iterator', counted)
   config = digits.get_config()
   config.model.depth, config.model.growth_rate, config.image_size = 10, 4, 8
   config.data_dir, config.num_epochs, config.lr_decay_epochs = data_dir, 3, (1, 2)

@@ -2,53 +2,17 @@
 in for the publishers through $DENSENET_JAX_WEIGHTS_MIRROR; nothing here reaches the internet."""
 
 import hashlib
-import http.server
 import os
 import socket
-import threading
 
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from densenet_jax import config_validation, convert, weights
-import test_convert
+from densenet_jax import config_validation, convert, weight_sources, weights
+import helpers
 
-BODY = os.urandom(300_000)
-
-
-class _Publisher(http.server.BaseHTTPRequestHandler):
-  """Serves /good.bin whole, /cut.bin with its full Content-Length but half its body, and 404
-  for anything else; counts requests."""
-  requests = []
-
-  def do_GET(self):  # pylint: disable=invalid-name
-    _Publisher.requests.append(self.path)
-    body = self.server.files.get(self.path.lstrip('/'))
-    if body is None:
-      self.send_error(404)
-      return
-    self.send_response(200)
-    self.send_header('Content-Length', str(len(body)))
-    self.end_headers()
-    self.wfile.write(body[:len(body) // 2] if self.path.startswith('/cut') else body)
-    self.wfile.flush()
-
-  def log_message(self, *args):
-    pass
-
-
-@pytest.fixture
-def server(monkeypatch):
-  httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Publisher)
-  httpd.files = {'good.bin': BODY, 'cut.bin': BODY}
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-  thread.start()
-  monkeypatch.setenv('DENSENET_JAX_WEIGHTS_MIRROR', f'http://127.0.0.1:{httpd.server_port}/')
-  _Publisher.requests = []
-  yield httpd
-  httpd.shutdown()
-  httpd.server_close()
+BODY = helpers.WEIGHTS_BODY
 
 
 def published(name, digest=hashlib.sha256(BODY).hexdigest()[:8], algorithm='sha256'):
@@ -60,7 +24,7 @@ def test_good_file_is_verified_kept_and_not_fetched_again(server, tmp_path):
   path = weights.download(published('good.bin'), str(tmp_path))
   assert open(path, 'rb').read() == BODY and os.listdir(tmp_path) == ['good.bin']
   assert weights.download(published('good.bin'), str(tmp_path)) == path
-  assert _Publisher.requests == ['/good.bin']  # the second call made no request
+  assert helpers.Publisher.requests == ['/good.bin']  # the second call made no request
 
 
 def test_md5_digests_are_checked_whole(server, tmp_path):
@@ -108,42 +72,15 @@ def test_published_names_are_checked_before_anything_runs():
     config_validation.check_init_from('keras:densenet169', 'densenet121')
 
 
-def serve(server, monkeypatch, key: str, body: bytes) -> weights.Published:
-  """Serves `body` as the publisher's file of published weights `key`, whose digest becomes
-  body's."""
-  spec = weights.PUBLISHED[key]
-  server.files[spec.file_name] = body
-  digest = hashlib.new(spec.algorithm, body).hexdigest()[:len(spec.digest)]
-  monkeypatch.setitem(weights.PUBLISHED, key, weights.Published(spec.url, spec.algorithm, digest,
-                                                                spec.model))
-  return spec
-
-
-def keras_densenet121_weights(directory):
-  """(bytes of a weights file in the format of Keras's published ones (legacy h5), the Keras
-  DenseNet-121 with those random weights)."""
-  import keras
-  from keras.src.legacy.saving import legacy_h5_format
-  import h5py
-  model = keras.applications.DenseNet121(weights=None, classifier_activation=None)
-  rng = np.random.default_rng(0)
-  model.set_weights([rng.normal(size=w.shape).astype(np.float32) * 0.1 + (w == 1)
-                     for w in model.get_weights()])
-  path = directory / 'served.h5'
-  with h5py.File(path, 'w') as f:
-    legacy_h5_format.save_weights_to_hdf5_group(f, model)
-  return path.read_bytes(), model
-
-
 def serve_load_and_reload(server, monkeypatch, cache, key: str, body: bytes, expected: dict):
   """Serves `body` as the publisher's file of `key` (with its digest), loads `key` twice: the
   second time from the converted copy alone, with no request; both equal `expected`."""
-  spec = serve(server, monkeypatch, key, body)
-  assert_trees_equal(weights.load(key, str(cache)), expected)
+  spec = helpers.serve(server, monkeypatch, key, body)
+  assert_trees_equal(weight_sources.published(key, str(cache)), expected)
   assert sorted(os.listdir(cache)) == [spec.file_name, f'{spec.file_name}.converted.npz']
   os.remove(cache / spec.file_name)  # the converted copy alone is enough now
-  assert_trees_equal(weights.load(key, str(cache)), expected)
-  assert _Publisher.requests == [f'/{spec.file_name}']
+  assert_trees_equal(weight_sources.published(key, str(cache)), expected)
+  assert helpers.Publisher.requests == [f'/{spec.file_name}']
 
 
 def assert_trees_equal(a, b):
@@ -156,7 +93,7 @@ def assert_trees_equal(a, b):
 @pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
 def test_keras_weights_download_convert_once_and_reuse(server, tmp_path, monkeypatch):
   """The Keras branch: a DenseNet-121 weights file in the publisher's (legacy h5) format."""
-  body, model = keras_densenet121_weights(tmp_path)
+  body, model = helpers.keras_densenet121_weights(tmp_path)
   serve_load_and_reload(server, monkeypatch, tmp_path / 'cache', 'keras:densenet121', body,
                         convert.from_keras(model))
 
@@ -165,8 +102,8 @@ def test_torchvision_weights_download_convert_once_and_reuse(server, tmp_path, m
   """The torchvision branch: a .pth state_dict with torchvision's legacy key names, as its
   published files have (needs torch only; CI's Python 3.11 set installs a CPU torch)."""
   torch = pytest.importorskip('torch')
-  variables = test_convert.random_variables('densenet121', np.random.default_rng(0))
-  state_dict = test_convert.torchvision_state_dict(variables, legacy=True)
+  variables = helpers.random_variables('densenet121', np.random.default_rng(0))
+  state_dict = helpers.torchvision_state_dict(variables, legacy=True)
   path = tmp_path / 'served.pth'
   torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, path)
   serve_load_and_reload(server, monkeypatch, tmp_path / 'cache', 'torchvision:densenet121',

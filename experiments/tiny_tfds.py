@@ -1,4 +1,5 @@
-"""Tiny real tfds datasets for the input pipeline tests, built offline in a given data_dir.
+"""Tiny real tfds datasets, built offline in a given data_dir: the tests' data, and the data of
+the experiments that check the pipeline and the multi-host loop (multihost_drift, loop_cpu_ab).
 
 CIFAR and SVHN are stored with the real builders' own features and versions
 (`tfds.dataset_builders.store_as_tfds_dataset`), so `tfds.builder(name, data_dir)` loads them as

@@ -1,0 +1,108 @@
+"""Where a run's initial weights come from: `config.init_from` dispatched to its source.
+
+- a published name ('torchvision:densenet121', 'keras:densenet169', weights.PUBLISHED):
+  downloaded once, converted once and kept as an .npz in weights.cache_dir();
+- a directory: a run's checkpoints (its latest readable step);
+- a file: a torchvision state_dict (.pth/.pt) or a saved Keras model (.keras/.h5).
+
+`load_into` puts them into a model's variables, keeping the model's own classifier where the
+number of classes differs (fine-tuning). Every failure a user can cause (a missing file, a file
+that is no DenseNet, another architecture, torch or Keras not installed, a failed download) is a
+WeightsError or weights.DownloadError: one line, naming init_from.
+"""
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from densenet_jax import checkpoints, convert, errors, weights
+
+
+class WeightsError(errors.UserError, ValueError):
+  """init_from's weights cannot be read, or do not fit the model."""
+
+
+def _convert_published(published: weights.Published, path: str) -> dict:
+  if published.algorithm == 'sha256':  # torchvision's state_dict
+    return convert.from_torchvision(path)
+  import keras  # pylint: disable=import-outside-toplevel
+  builder = {'densenet121': keras.applications.DenseNet121,
+             'densenet169': keras.applications.DenseNet169,
+             'densenet201': keras.applications.DenseNet201}[published.model]
+  return convert.from_keras(builder(weights=path, classifier_activation=None))
+
+
+def published(init_from: str, directory: str = None) -> dict:
+  """{'params', 'batch_stats'} of published weights: the cached converted copy, else the
+  published file (downloaded if needed) converted and cached."""
+  if init_from not in weights.PUBLISHED:
+    raise WeightsError(f'init_from={init_from!r}: published weights are '
+                       f'{", ".join(weights.PUBLISHED)}')
+  entry, directory = weights.PUBLISHED[init_from], directory or weights.cache_dir()
+  converted = os.path.join(directory, f'{entry.file_name}.converted.npz')
+  if os.path.exists(converted):
+    with np.load(converted) as flat:
+      return traverse_util.unflatten_dict({tuple(k.split('/')): flat[k] for k in flat.files})
+  variables = _convert_published(entry, weights.download(entry, directory))
+  flat = {'/'.join(k): v for k, v in traverse_util.flatten_dict(variables).items()}
+  weights.write_atomically(converted, lambda f: np.savez(f, **flat))
+  return variables
+
+
+def _from_run(directory: str, like: dict) -> dict:
+  ckpt = checkpoints.Checkpoints(directory)
+  try:
+    restored, _ = ckpt.restore_variables(like)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise WeightsError(f'init_from={directory!r}: no checkpoint in that directory')
+  return {'params': restored['params'], 'batch_stats': restored['batch_stats']}
+
+
+def read(init_from: str, like: dict) -> dict:
+  """{'params', 'batch_stats'} of init_from; `like` (the model's variables or their shapes)
+  is the template a checkpoint is read into."""
+  try:
+    if weights.is_published_name(init_from):
+      return published(init_from)
+    if os.path.isdir(init_from):
+      return _from_run(init_from, like)
+    if not os.path.exists(init_from):
+      raise WeightsError(f'init_from={init_from!r}: no such file or directory (allowed: '
+                         f'{", ".join(weights.PUBLISHED)}, a run directory or a weights file)')
+    return convert.load_pretrained(init_from)[1]
+  except ImportError as e:
+    raise WeightsError(f'init_from={init_from!r} needs {e.name or e} installed '
+                       '(pip install torch, or keras, for files of theirs)') from e
+  except (ValueError, KeyError, OSError) as e:
+    if isinstance(e, errors.UserError):
+      raise
+    raise WeightsError(f'init_from={init_from!r}: {e}') from e
+
+
+def load_into(init_from: str, variables: dict) -> dict:
+  """`variables` ({'params', 'batch_stats'} of the model) with init_from's weights.
+
+  A classifier of another shape (another number of classes) is not loaded: the model's freshly
+  initialized head is kept (fine-tuning).
+  """
+  loaded = read(init_from, variables)
+  params, batch_stats = dict(loaded['params']), dict(loaded['batch_stats'])
+  head = params['classifier']['kernel'].shape
+  new_head = variables['params']['classifier']['kernel'].shape
+  if head != new_head:
+    logging.info('%s has a %d-class classifier, the model %d classes: new classifier.',
+                 init_from, head[-1], new_head[-1])
+    params['classifier'] = variables['params']['classifier']
+  if jax.tree.structure(params) != jax.tree.structure(dict(variables['params'])):
+    raise WeightsError(f'init_from={init_from!r} holds another architecture than the model')
+  shapes = jax.tree.map(np.shape, (params, batch_stats))
+  if shapes != jax.tree.map(np.shape, (dict(variables['params']),
+                                       dict(variables['batch_stats']))):
+    raise WeightsError(f'init_from={init_from!r} holds another architecture than the model '
+                       '(parameter shapes differ)')
+  return {'params': params, 'batch_stats': batch_stats}

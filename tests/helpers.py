@@ -1,0 +1,212 @@
+"""What several test modules share (no test module imports another):
+
+- main.py in subprocesses: `run_main` (a run to its end), `start`/`finish` (the log read as it
+  is written, a signal sent once a chosen step is logged), `run_pair` (two processes of one
+  multi-host run) and the state a run's last checkpoint holds;
+- a publisher of weights on 127.0.0.1 (`Publisher`, `serve`; conftest.py's `server` fixture)
+  and weights files in the publishers' formats (`keras_densenet121_weights`,
+  `torchvision_state_dict`, `random_variables`).
+
+The small real tfds datasets the tests build are experiments/tiny_tfds.py's (the experiments
+use them too).
+"""
+
+import concurrent.futures
+import functools
+import hashlib
+import http.server
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from densenet_jax import costs, models, weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP = re.compile(r'step (\d+)/\d+ ')
+WEIGHTS_BODY = np.random.default_rng(0).bytes(300_000)  # the publisher's /good.bin, /cut.bin
+NUM_CLASSES = 10  # random_variables' classifier
+
+
+def start(args, num_devices: int) -> subprocess.Popen:
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices))
+  return subprocess.Popen([sys.executable, 'main.py', *args], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, signal_at: int = None, signum: int = None,
+           timeout: float = 300, target: subprocess.Popen = None):
+  """(exit status, log) of proc; sends `signum` to `target` (default proc) once proc logs a
+  step >= signal_at. The process is killed after `timeout` seconds."""
+  watchdog = threading.Timer(timeout, proc.kill)
+  watchdog.start()
+  lines = []
+  try:
+    for line in proc.stdout:
+      lines.append(line)
+      match = STEP.search(line)
+      if signum is not None and match and int(match.group(1)) >= signal_at:
+        (target or proc).send_signal(signum)
+        signum = None
+    proc.wait()
+  finally:
+    watchdog.cancel()
+  return proc.returncode, ''.join(lines)
+
+
+def complete_steps(workdir: str) -> list:
+  """Steps of the complete checkpoints (orbax renames a checkpoint to its step when done)."""
+  names = os.listdir(os.path.join(workdir, 'checkpoints'))
+  return sorted(int(name) for name in names if name.isdigit())
+
+
+def last_checkpoint(workdir: str):
+  """(step, state tree of numpy arrays, record) of the latest checkpoint of workdir."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                  item_names=('state', 'record'))
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), record=ocp.args.JsonRestore()))
+  manager.close()
+  return step, jax.tree.map(np.asarray, restored['state']), restored['record']
+
+
+def assert_bitwise_equal(a, b):
+  leaves_a, leaves_b = (jax.tree.leaves_with_path(t) for t in (a, b))
+  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+  different = [jax.tree_util.keystr(p) for (p, x), (_, y) in zip(leaves_a, leaves_b)
+               if x.dtype != y.dtype or not np.array_equal(x, y)]
+  assert not different, f'{len(different)} arrays differ, e.g. {different[:3]}'
+
+
+def run_main(args, num_devices, data_dir, timeout=300):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices))
+  proc = subprocess.run([sys.executable, 'main.py', *args, f'--config.data_dir={data_dir}'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return proc.stderr + proc.stdout
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def run_pair(workdir, data_dir, args, sigterm_process_1_at=None):
+  """[(exit status, log)] of the two processes of one run."""
+  port = free_port()
+  procs = [start([*args, f'--config.data_dir={data_dir}', f'--workdir={workdir}',
+                            f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                            f'--process_id={i}'], num_devices=2) for i in range(2)]
+  finish_one = functools.partial(finish, timeout=300)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    futures = [pool.submit(finish_one, procs[0]),
+               pool.submit(finish_one, procs[1], signal_at=sigterm_process_1_at,
+                           signum=signal.SIGTERM if sigterm_process_1_at else None)]
+    return [f.result() for f in futures]
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights, published and in the publishers' formats
+
+class Publisher(http.server.BaseHTTPRequestHandler):
+  """Serves /good.bin whole, /cut.bin with its full Content-Length but half its body, and 404
+  for anything else; counts requests."""
+  requests = []
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    Publisher.requests.append(self.path)
+    body = self.server.files.get(self.path.lstrip('/'))
+    if body is None:
+      self.send_error(404)
+      return
+    self.send_response(200)
+    self.send_header('Content-Length', str(len(body)))
+    self.end_headers()
+    self.wfile.write(body[:len(body) // 2] if self.path.startswith('/cut') else body)
+    self.wfile.flush()
+
+  def log_message(self, *args):
+    pass
+
+
+def serve(server, monkeypatch, key: str, body: bytes) -> weights.Published:
+  """Serves `body` as the publisher's file of published weights `key`, whose digest becomes
+  body's."""
+  spec = weights.PUBLISHED[key]
+  server.files[spec.file_name] = body
+  digest = hashlib.new(spec.algorithm, body).hexdigest()[:len(spec.digest)]
+  monkeypatch.setitem(weights.PUBLISHED, key, weights.Published(spec.url, spec.algorithm, digest,
+                                                                spec.model))
+  return spec
+
+
+def keras_densenet121_weights(directory):
+  """(bytes of a weights file in the format of Keras's published ones (legacy h5), the Keras
+  DenseNet-121 with those random weights)."""
+  import keras
+  from keras.src.legacy.saving import legacy_h5_format
+  import h5py
+  model = keras.applications.DenseNet121(weights=None, classifier_activation=None)
+  rng = np.random.default_rng(0)
+  model.set_weights([rng.normal(size=w.shape).astype(np.float32) * 0.1 + (w == 1)
+                     for w in model.get_weights()])
+  path = directory / 'served.h5'
+  with h5py.File(path, 'w') as f:
+    legacy_h5_format.save_weights_to_hdf5_group(f, model)
+  return path.read_bytes(), model
+
+
+_TORCH_MODULES = {'stem_conv': 'features.conv0', 'stem_norm': 'features.norm0',
+                  'head_norm': 'features.norm5', 'classifier': 'classifier'}
+_TORCH_LEAVES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+                 'var': 'running_var'}
+
+
+def torch_key(path) -> str:
+  """torchvision's current name of one of our variables, path like ('params', 'block1', ...)."""
+  _, *module, leaf = path
+  joined = '/'.join(module)
+  if joined in _TORCH_MODULES:
+    name = _TORCH_MODULES[joined]
+  elif joined.startswith('block'):
+    block, layer, unit, op = module
+    number = 1 if unit == 'bottleneck' else 2
+    name = f'features.denseblock{block[5:]}.denselayer{layer[5:]}.{op}{number}'
+  else:
+    transition, _, op = module
+    name = f'features.transition{transition[10:]}.{op}'
+  return f'{name}.{_TORCH_LEAVES[leaf]}'
+
+
+def torchvision_state_dict(variables, legacy=False) -> dict:
+  """The inverse of from_torchvision, with num_batches_tracked counters like torch's."""
+  state_dict = {}
+  for path, value in jax.tree.flatten_with_path(variables)[0]:
+    path = tuple(k.key for k in path)
+    key = torch_key(path)
+    if path[-1] == 'kernel':
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    if legacy:  # norm1.weight -> norm.1.weight, as in torchvision's old .pth files
+      key = re.sub(r'\.(norm|conv)([12])\.(\w+)$', r'.\1.\2.\3', key)
+    state_dict[key] = value
+    if key.endswith('running_var'):
+      state_dict[key.replace('running_var', 'num_batches_tracked')] = np.array(1000, np.int64)
+  return state_dict
+
+
+def random_variables(name, rng):
+  shapes = costs.init_shapes(models.create_model(name, num_classes=NUM_CLASSES), 224)
+  return jax.tree.map(
+      lambda s: np.abs(rng.normal(size=s.shape)).astype(np.float32), shapes)
+
+
