@@ -122,6 +122,10 @@ class DatasetSpec:
   shuffle_buffer: Optional[int] = None  # None: the whole shard
   parallel_read: bool = False  # read its files in parallel (a fixed, interleaved order)
   prepared_on_first_use: bool = False  # offline: no download, prepared when first read
+  # What to download by hand before preparing (None: tfds downloads it).
+  manual_download: Optional[str] = None
+  # Its class names ship with the package (densenet_jax/data/): a model of it predicts without it.
+  class_names_file: Optional[str] = None
   folder: Optional[FolderOptions] = None  # a folder's options
 
   @property
@@ -157,7 +161,11 @@ SPECS = {spec.name: spec for spec in (
                 normalization=(255.0, IMAGENET_MEAN, IMAGENET_STD),
                 host_train='imagenet_crop', host_eval='imagenet_eval', eval_splits=('validation',),
                 flip=True, photometric=True, input_size=IMAGENET_CROP_SIZE, ten_crop=True,
-                shuffle_buffer=16_384, parallel_read=True),
+                shuffle_buffer=16_384, parallel_read=True,
+                manual_download='ILSVRC2012_img_train.tar (the 1,000 per-class tars such as '
+                'n01440764.tar) and ILSVRC2012_img_val.tar (50,000 JPEGs) from '
+                'https://image-net.org/download-images',
+                class_names_file='imagenet_classes.tsv'),
 )}
 DATASETS = tuple(SPECS)
 

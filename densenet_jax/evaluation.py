@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from densenet_jax import config_validation, devices, inference, input_pipeline, run_setup
+from densenet_jax import weight_sources
 from densenet_jax.settings import RunSettings
 
 PER_CLASS_MAX_CLASSES = 100  # per-class recall and confusion matrix up to this many classes
@@ -65,6 +66,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]) -> dict:
   config.init_from's weights, evaluated on every eval split."""
   config_validation.validate(config, jax.device_count())
   settings = RunSettings.from_config(config)
+  weight_sources.fetch(settings.init_from)
   data = run_setup.open_data(settings.data)
   state = run_setup.inference_state(settings, workdir, data.info)
   evaluator = Evaluator(data, settings.eval_batch_size)

@@ -106,20 +106,18 @@ def _builder(spec: DatasetSpec, data_dir: Optional[str]):
   builder = _new_builder(spec, data_dir)
   if not builder.is_prepared():
     if not spec.prepared_on_first_use:
-      raise NotPrepared(_not_prepared_message(spec.name, builder))
+      raise NotPrepared(_not_prepared_message(spec, builder))
     builder.download_and_prepare()
   return builder
 
 
-def _not_prepared_message(name, builder) -> str:
-  root = builder.data_dir_root
+def _not_prepared_message(spec: DatasetSpec, builder) -> str:
+  root, name = builder.data_dir_root, spec.name
   command = f'python -m densenet_jax.input_pipeline {name} --data_dir {root}'
-  if name == 'imagenet2012':
+  if spec.manual_download:
     manual_dir = root / 'downloads' / 'manual'
-    return (f'imagenet2012 is not prepared in {root}. Download ILSVRC2012_img_train.tar (the '
-            f'1,000 per-class tars such as n01440764.tar) and ILSVRC2012_img_val.tar (50,000 '
-            f'JPEGs) from https://image-net.org/download-images, put both in {manual_dir}, then '
-            f'run: {command} --manual_dir {manual_dir}')
+    return (f'{name} is not prepared in {root}. Download {spec.manual_download}, put them in '
+            f'{manual_dir}, then run: {command} --manual_dir {manual_dir}')
   return (f'{name} is not prepared in {root}. On a machine with internet access run: {command} '
           f'(it downloads the data), then copy {root / name} to this machine.')
 

@@ -3,8 +3,8 @@
 The model is a run's best (or latest) checkpoint (--workdir) or config.init_from's weights; each
 image gets the eval transform the model was trained with (the dataset's, as the eval step sees
 it; a folder run's as recorded in its workdir, so the data may have moved since; published
-weights' own eval resize). Class names: the run's classes.json, else ImageNet's
-(data/imagenet_classes.tsv) for 1,000-class ImageNet models, else the dataset's.
+weights' own eval resize). Class names: the run's classes.json, else those that ship with the package
+(data/imagenet_classes.tsv for ImageNet models), else the dataset's.
 
 Neither the optimizer (optax) nor the training loop is imported: see tests/test_predict.py.
 """
@@ -21,12 +21,11 @@ import tensorflow as tf
 import tqdm
 
 from densenet_jax import config_validation, datasets, folder_listing, inference, input_pipeline
-from densenet_jax import errors, run_setup
+from densenet_jax import errors, run_setup, weight_sources
 from densenet_jax import preprocessing as pp
 from densenet_jax.settings import RunSettings
 
-IMAGENET_CLASSES = os.path.join(os.path.dirname(__file__), 'data', 'imagenet_classes.tsv')
-IMAGENET = 'imagenet2012'  # its 1,000 classes ship with the package
+DATA = os.path.join(os.path.dirname(__file__), 'data')  # class names that ship with the package
 BATCH = 32  # images per forward pass (the last one padded: one compile)
 
 
@@ -34,9 +33,10 @@ class MissingImages(errors.UserError, FileNotFoundError):
   """An --images path that does not exist."""
 
 
-def imagenet_classes() -> list:
-  """[(WordNet id, names)] of ImageNet's 1,000 classes in label order."""
-  with open(IMAGENET_CLASSES) as f:
+def shipped_classes(spec: datasets.DatasetSpec) -> list:
+  """[(class id, names)] in label order, of a dataset whose class names ship with the package
+  (ImageNet's 1,000: WordNet ids and names)."""
+  with open(os.path.join(DATA, spec.class_names_file)) as f:
     return [tuple(line.rstrip('\n').split('\t')) for line in f if not line.startswith('#')]
 
 
@@ -85,16 +85,16 @@ class Predictions:
 
 def _data(settings: RunSettings, workdir: Optional[str]) -> input_pipeline.Data:
   """The data as the model saw it: its classes, input shape, normalization and eval transform.
-  From the run's classes.json (the data may have moved since), else ImageNet's classes for an
-  ImageNet model (no prepared ImageNet needed), else the dataset's own."""
+  From the run's classes.json (the data may have moved since), else the class names that ship
+  with the package (ImageNet's: no prepared ImageNet needed), else the dataset's own."""
   options = settings.data
   record = run_setup.read_classes(workdir) if workdir else None
-  if record is None and options.dataset != IMAGENET:
+  spec = datasets.spec(options.dataset, options.folder)
+  if record is None and spec.class_names_file is None:
     return run_setup.open_data(options)
   if record is None:
-    spec = datasets.SPECS[IMAGENET]
-    names, shape = [n for _, n in imagenet_classes()], datasets.image_shape(spec)
-    normalization = spec.normalization
+    names = [n for _, n in shipped_classes(spec)]
+    shape, normalization = datasets.image_shape(spec), spec.normalization
   else:
     names, shape = record['class_names'], tuple(record['image_shape'])
     normalization = tuple(record['normalization'])
@@ -134,6 +134,7 @@ def predict(config: ml_collections.ConfigDict, workdir: Optional[str], paths: Se
 def predict_files(settings: RunSettings, workdir: Optional[str], files: Sequence[str],
                   top_k: int = 5) -> Predictions:
   """`predict` on a validated config's settings and a list of files."""
+  weight_sources.fetch(settings.init_from)
   data = _data(settings, workdir)
   info, transform = data.info, data.eval_preprocessor()
   device_transform = data.device_transform(train=False)

@@ -14,7 +14,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from densenet_jax import checkpoints, errors, folder_listing, inference, input_pipeline, models
+from densenet_jax import checkpoints, datasets, errors, inference, input_pipeline, models
 from densenet_jax import weight_sources
 from densenet_jax.datasets import DataOptions, DatasetInfo
 from densenet_jax.settings import ModelSettings, RunSettings
@@ -32,9 +32,10 @@ def build_model(model: ModelSettings, num_classes: int) -> models.DenseNet:
 
 
 def open_data(options: DataOptions) -> input_pipeline.Data:
-  """The run's data. A folder is prepared on first use: with several processes, by process 0
-  while the others wait."""
-  if folder_listing.is_folder(options.dataset) and jax.process_count() > 1:
+  """The run's data. Digits and folders are prepared on first use: with several processes, by
+  process 0 while the others wait."""
+  spec = datasets.spec(options.dataset, options.folder)
+  if spec.prepared_on_first_use and jax.process_count() > 1:
     if jax.process_index() == 0:
       input_pipeline.Data(options)
     multihost_utils.sync_global_devices('folder dataset prepared')
@@ -108,7 +109,8 @@ def inference_state(settings: RunSettings, workdir: Optional[str],
   model = build_model(settings.model, info.num_classes)
   init = lambda: inference.init_variables(model, jax.random.key(settings.seed),
                                           info.image_shape)[0]
-  restored = _checkpointed(workdir, jax.eval_shape(init), settings.eval_checkpoint)
+  shapes = jax.eval_shape(init)
+  restored = _checkpointed(workdir, shapes, settings.eval_checkpoint)
   if restored is not None:
     logging.info('Evaluating step %d of %s.', int(restored['step']), workdir)
     return inference.InferenceState(step=restored['step'], apply_fn=model.apply,
@@ -117,5 +119,6 @@ def inference_state(settings: RunSettings, workdir: Optional[str],
   if not settings.init_from:
     raise RunError(f'nothing to evaluate: no checkpoint in workdir={workdir!r} and no '
                    'config.init_from')
-  variables = weight_sources.load_into(settings.init_from, init())
+  loaded = weight_sources.read(settings.init_from, shapes)  # fails, if at all, before compiling
+  variables = weight_sources.fit(settings.init_from, loaded, init())
   return inference.InferenceState(step=0, apply_fn=model.apply, **variables)

@@ -52,6 +52,7 @@ def train(settings: RunSettings, workdir: str) -> dict:
   """train_and_evaluate's loop, on a validated config's settings."""
   start_time = time.time()
   run_setup.check_writable(workdir)
+  weight_sources.fetch(settings.init_from)
   # 10-crop is --mode=evaluate's: the evals during training are single-crop.
   data = run_setup.open_data(dataclasses.replace(settings.data, ten_crop=False))
   topology = devices.Topology.of_this_process(settings.batch_size)

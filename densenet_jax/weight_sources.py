@@ -35,6 +35,18 @@ def _convert_published(published: weights.Published, path: str) -> dict:
   return convert.from_keras(builder(weights=path, classifier_activation=None))
 
 
+def _converted_path(entry: weights.Published, directory: str) -> str:
+  return os.path.join(directory, f'{entry.file_name}.converted.npz')
+
+
+def fetch(init_from: str):
+  """Downloads published weights now, unless cached: a download that fails does so before the
+  data is read or anything compiled. Nothing for the other sources."""
+  entry = weights.PUBLISHED.get(init_from)
+  if entry is not None and not os.path.exists(_converted_path(entry, weights.cache_dir())):
+    weights.download(entry, weights.cache_dir())
+
+
 def published(init_from: str, directory: str = None) -> dict:
   """{'params', 'batch_stats'} of published weights: the cached converted copy, else the
   published file (downloaded if needed) converted and cached."""
@@ -42,7 +54,7 @@ def published(init_from: str, directory: str = None) -> dict:
     raise WeightsError(f'init_from={init_from!r}: published weights are '
                        f'{", ".join(weights.PUBLISHED)}')
   entry, directory = weights.PUBLISHED[init_from], directory or weights.cache_dir()
-  converted = os.path.join(directory, f'{entry.file_name}.converted.npz')
+  converted = _converted_path(entry, directory)
   if os.path.exists(converted):
     with np.load(converted) as flat:
       return traverse_util.unflatten_dict({tuple(k.split('/')): flat[k] for k in flat.files})
@@ -85,12 +97,16 @@ def read(init_from: str, like: dict) -> dict:
 
 
 def load_into(init_from: str, variables: dict) -> dict:
-  """`variables` ({'params', 'batch_stats'} of the model) with init_from's weights.
+  """`variables` ({'params', 'batch_stats'} of the model) with init_from's weights."""
+  return fit(init_from, read(init_from, variables), variables)
+
+
+def fit(init_from: str, loaded: dict, variables: dict) -> dict:
+  """`loaded` (init_from's weights, `read`) in place of the model's `variables`.
 
   A classifier of another shape (another number of classes) is not loaded: the model's freshly
   initialized head is kept (fine-tuning).
   """
-  loaded = read(init_from, variables)
   params, batch_stats = dict(loaded['params']), dict(loaded['batch_stats'])
   head = params['classifier']['kernel'].shape
   new_head = variables['params']['classifier']['kernel'].shape

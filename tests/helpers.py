@@ -26,6 +26,7 @@ import threading
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from densenet_jax import costs, models, weights
 
@@ -113,6 +114,23 @@ def run_pair(workdir, data_dir, args, sigterm_process_1_at=None):
                            signum=signal.SIGTERM if sigterm_process_1_at else None)]
     return [f.result() for f in futures]
 
+
+
+WRITES = ('mkdir', 'write_text', 'write_bytes', 'rename', 'touch')
+
+
+def fail_writes(monkeypatch, under: str, code: int, methods=WRITES):
+  """Makes the writes (epath methods, which orbax and train.py use) below the path prefix
+  `under` raise OSError `code`, as a full or read-only file system does."""
+  for method in methods:
+    original = getattr(epath.gpath._GPath, method)  # pylint: disable=protected-access
+
+    def failing(self, *args, _original=original, **kwargs):
+      if os.fspath(self).startswith(under):
+        raise OSError(code, os.strerror(code), os.fspath(self))
+      return _original(self, *args, **kwargs)
+
+    monkeypatch.setattr(epath.gpath._GPath, method, failing)  # pylint: disable=protected-access
 
 
 # ---------------------------------------------------------------------------------------------

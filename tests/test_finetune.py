@@ -98,5 +98,5 @@ def test_predict_with_published_imagenet_weights_names_keras_top_classes(
   expected = np.argsort(-np.asarray(keras_model(np.asarray(normalized), training=False)),
                         axis=1)[:, :3]
   np.testing.assert_array_equal(predictions.top_classes, expected)
-  names = dict(predict.imagenet_classes())
+  names = dict(predict.shipped_classes(SPECS['imagenet2012']))
   assert predictions.class_names[expected[0, 0]] == list(names.values())[expected[0, 0]]

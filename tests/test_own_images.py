@@ -11,6 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
+from densenet_jax.datasets import SPECS
+
 import helpers
 from experiments import tiny_tfds
 
@@ -89,7 +91,7 @@ def test_predict_after_the_data_moved_agrees_with_the_test_accuracy(run, tmp_pat
 def test_imagenet_class_names_ship_in_label_order():
   from densenet_jax import predict
   import tensorflow_datasets as tfds
-  classes = predict.imagenet_classes()
+  classes = predict.shipped_classes(SPECS['imagenet2012'])
   assert classes[0] == ('n01440764', 'tench, Tinca tinca') and len(classes) == 1000
   assert [wnid for wnid, _ in classes] == tfds.builder('imagenet2012').info.features[
       'label'].names

@@ -11,7 +11,7 @@ import pytest
 
 from densenet_jax import architectures, train
 from densenet_jax.settings import RunSettings
-from experiments import sweep
+from experiments import sweep, tiny_tfds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = 'configs/digits.py'
@@ -188,3 +188,34 @@ def test_digits_sweep_runs_resumes_and_collects(tmp_path):
   assert os.path.getmtime(root / names[0] / 'results.json') == first_mtime
   resumed = json.load(open(root / names[1] / 'results.json'))
   assert resumed['final'] == results[1]['final']
+
+
+def test_sweep_over_a_folder_of_images_trains_collects_and_plots(tmp_path):
+  """The sweep a user runs on their own images (a folder dataset, its options from the config):
+  both points train, and collecting (multiply-adds from the opened folder) writes results.csv,
+  results.md and the plots."""
+  folder = tmp_path / 'digits'
+  counts = tiny_tfds.digits_folder(folder)
+  root = tmp_path / 'sweep'
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  proc = subprocess.run(
+      [sys.executable, 'experiments/sweep.py', f'--config={DIGITS}', f'--root={root}',
+       f'--sweep=dataset=folder:{folder} x data_dir={tmp_path / "tfds"} x model.depth=10 x '
+       'image_size=8 x log_every_steps=11', '--sweep=num_epochs=2 + lr_decay_epochs=(1,1.5)',
+       '--sweep=model.growth_rate=6,12'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert '2 of 2 points finished.' in proc.stdout
+  with open(root / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['model'] for r in rows] == ['densenet_bc10_k6', 'densenet_bc10_k12']
+  for row in rows:
+    assert row['dataset'] == f'folder:{folder}'
+    result = json.load(open(root / row['point'] / 'results.json'))
+    assert result['final']['eval']['test']['count'] == counts['test']
+    assert float(row['error_pct']) == pytest.approx(
+        100 * result['final']['eval']['test']['top1_error'])
+  assert 0 < float(rows[0]['gmacs']) < float(rows[1]['gmacs'])
+  assert len((root / 'results.md').read_text().splitlines()) == 4
+  for png in ('error_vs_params.png', 'error_vs_flops.png'):
+    assert (root / png).stat().st_size > 10_000
