@@ -196,7 +196,8 @@ def spec(dataset: str, folder: Optional[FolderOptions] = None) -> DatasetSpec:
     return folder_spec(dataset, folder)
   if dataset not in SPECS:
     raise errors.UserError(f'config.dataset={dataset!r}: allowed datasets are '
-                           f'{", ".join(DATASETS)}, or {folder_listing.PREFIX}PATH (PATH/train/<class>/*)')
+                           f'{", ".join(DATASETS)}, or {folder_listing.PREFIX}PATH '
+                           '(PATH/train/<class>/*)')
   return SPECS[dataset]
 
 

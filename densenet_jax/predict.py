@@ -3,8 +3,8 @@
 The model is a run's best (or latest) checkpoint (--workdir) or config.init_from's weights; each
 image gets the eval transform the model was trained with (the dataset's, as the eval step sees
 it; a folder run's as recorded in its workdir, so the data may have moved since; published
-weights' own eval resize). Class names: the run's classes.json, else those that ship with the package
-(data/imagenet_classes.tsv for ImageNet models), else the dataset's.
+weights' own eval resize). Class names: the run's classes.json, else those that ship with the
+package (data/imagenet_classes.tsv for ImageNet models), else the dataset's.
 
 Neither the optimizer (optax) nor the training loop is imported: see tests/test_predict.py.
 """

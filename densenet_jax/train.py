@@ -256,8 +256,8 @@ def built_and_paper(settings: RunSettings) -> dict:
                                               settings.data.augment)}
 
 
-def _write_results(settings: RunSettings, workdir: str, history: list, num_params: int, wall_time: float,
-                   per_class: Optional[dict]) -> dict:
+def _write_results(settings: RunSettings, workdir: str, history: list, num_params: int,
+                   wall_time: float, per_class: Optional[dict]) -> dict:
   """results.json: final and best evals, the final eval's per-class recall and confusion matrix
   (None if not evaluated in this process or too many classes), the built network and the
   paper's number for it."""

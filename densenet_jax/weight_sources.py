@@ -2,7 +2,7 @@
 
 - a published name ('torchvision:densenet121', 'keras:densenet169', weights.PUBLISHED):
   downloaded once, converted once and kept as an .npz in weights.cache_dir();
-- a directory: a run's checkpoints (its latest readable step);
+- a directory: a run's workdir or its checkpoints directory (the latest readable step);
 - a file: a torchvision state_dict (.pth/.pt) or a saved Keras model (.keras/.h5).
 
 `load_into` puts them into a model's variables, keeping the model's own classifier where the
@@ -65,6 +65,9 @@ def published(init_from: str, directory: str = None) -> dict:
 
 
 def _from_run(directory: str, like: dict) -> dict:
+  """The latest checkpoint's variables of a run's workdir or of its checkpoints directory."""
+  if os.path.isdir(os.path.join(directory, 'checkpoints')):
+    directory = os.path.join(directory, 'checkpoints')
   ckpt = checkpoints.Checkpoints(directory)
   try:
     restored, _ = ckpt.restore_variables(like)

@@ -5,7 +5,8 @@
 (`$DENSENET_JAX_WEIGHTS_DIR`, default ~/.cache/densenet_jax/weights), checks it against the
 published hash (torchvision: the sha256 prefix in its file name, which torch.hub checks; Keras:
 the md5 that keras.applications passes to get_file), converts it once to this project's variables
-(weight_sources.published) and keeps that copy (an .npz), so later runs need neither the network nor torch nor Keras.
+(weight_sources.published) and keeps that copy (an .npz), so later runs need neither the network
+nor torch nor Keras.
 
 Every file is written under a temporary name in the cache directory and renamed when complete:
 a failed or cut download leaves nothing behind, and processes that download at once each rename

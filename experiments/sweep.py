@@ -250,7 +250,8 @@ def multiply_adds(config) -> float:
   """G multiply-adds of one forward pass at the size the run is fed (3 input channels assumed)."""
   # TensorFlow (input pipeline) loads only here, so checking and --print stay fast.
   # pylint: disable=import-outside-toplevel
-  from densenet_jax import costs, run_setup, settings
+  from densenet_jax import costs, run_setup, runtime, settings
+  runtime.keep_tensorflow_off_accelerators()
   run = settings.RunSettings.from_config(config)
   info = run_setup.open_data(run.data).info
   model = run_setup.build_model(run.model, info.num_classes)

@@ -1,5 +1,6 @@
 """Test setup: 8 virtual CPU devices and one persistent compilation cache for the whole run, and
-the fixtures several modules use (`server`: a weights publisher on 127.0.0.1).
+the fixtures several modules use (`server`: a weights publisher on 127.0.0.1; `keras_file`: a
+saved Keras DenseNet-121).
 
 Both must be set before JAX starts, so they are environment variables; subprocesses that tests
 start inherit them.
@@ -17,6 +18,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import http.server  # pylint: disable=wrong-import-position
 import threading  # pylint: disable=wrong-import-position
 
+import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 import helpers  # pylint: disable=wrong-import-position
@@ -34,3 +36,19 @@ def server(monkeypatch):
   httpd.server_close()
 
 
+
+
+@pytest.fixture(scope='session')
+def keras_file(tmp_path_factory):
+  keras = pytest.importorskip('keras')
+  """A Keras DenseNet-121 with random weights and random BN statistics, saved to .keras."""
+  model = keras.applications.DenseNet121(weights=None, classifier_activation=None)
+  rng = np.random.default_rng(0)
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      c = layer.gamma.shape[0]
+      layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c),
+                         rng.normal(0, 0.1, c), rng.uniform(0.5, 1.5, c)])
+  path = str(tmp_path_factory.mktemp('keras') / 'densenet121.keras')
+  model.save(path)
+  return path, model

@@ -143,14 +143,16 @@ def test_a_non_finite_state_is_never_saved(tmp_path, state):
   assert helpers.complete_steps(tmp_path) == [1]
 
 
-@pytest.mark.parametrize('code,methods', [(errno.EROFS, helpers.WRITES), (errno.ENOSPC, helpers.WRITES),
+@pytest.mark.parametrize('code,methods', [(errno.EROFS, helpers.WRITES),
+                                          (errno.ENOSPC, helpers.WRITES),
                                           (errno.ENOSPC, ('write_text', 'write_bytes'))])
 def test_failed_writes_are_one_line_errors_and_keep_the_last_checkpoint(tmp_path, state,
                                                                          monkeypatch, code,
                                                                          methods):
   directory = tmp_path / 'checkpoints'
   save(directory, state, [1])
-  helpers.fail_writes(monkeypatch, str(directory / '2'), code, methods)  # directories, or files only
+  # directories, or files only
+  helpers.fail_writes(monkeypatch, str(directory / '2'), code, methods)
   ckpt = checkpoints.Checkpoints(directory)
   with pytest.raises(checkpoints.CheckpointError) as error:
     ckpt.save(at_step(state, 2), {'history': [2]})

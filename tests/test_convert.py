@@ -79,7 +79,8 @@ def test_from_torchvision_recovers_variables_from_numpy_state_dict(name, legacy)
 
 
 def test_from_torchvision_rejects_foreign_state_dicts():
-  state_dict = helpers.torchvision_state_dict(helpers.random_variables('densenet121', np.random.default_rng(0)))
+  state_dict = helpers.torchvision_state_dict(
+      helpers.random_variables('densenet121', np.random.default_rng(0)))
   with pytest.raises(ValueError, match='does not use.*features.extra.weight'):
     convert.from_torchvision({**state_dict, 'features.extra.weight': np.zeros(3)})
   missing = {k: v for k, v in state_dict.items() if k != 'features.norm5.running_var'}

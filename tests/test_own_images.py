@@ -57,9 +57,10 @@ def test_trains_like_digits_and_reports_classes(run):
 
 def test_evaluate_prints_per_class_recall_and_the_confusion_matrix(run):
   root, _, workdir, _ = run
-  log = helpers.run_main(['--config=configs/digits.py', f'--config.dataset=folder:{root / "digits"}',
-                             '--mode=evaluate', f'--workdir={workdir}'],
-                            num_devices=2, data_dir=str(root / 'tfds'))
+  log = helpers.run_main(['--config=configs/digits.py',
+                          f'--config.dataset=folder:{root / "digits"}',
+                          '--mode=evaluate', f'--workdir={workdir}'],
+                         num_devices=2, data_dir=str(root / 'tfds'))
   assert 'test: recall per class, then the confusion matrix' in log
   rows = [line for line in log.splitlines() if line.startswith('  ') and ' | ' in line]
   assert len(rows) == 10 and all(len(r.split('|')[1].split()) == 10 for r in rows)

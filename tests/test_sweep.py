@@ -127,7 +127,8 @@ def test_figure4_rows_name_twelve_networks_and_the_paper_only_where_it_has_them(
   rows = []
   for point, point_config in zip(points, sweep.check_points(points)):
     results = {'final': {'epoch': 300, 'eval': {'test': {'top1_error': 0.05, 'loss': 0.2}}},
-               'num_params': 1, 'wall_time_sec': 1.0, **train.built_and_paper(RunSettings.from_config(point_config))}
+               'num_params': 1, 'wall_time_sec': 1.0,
+               **train.built_and_paper(RunSettings.from_config(point_config))}
     results['best'] = results['final']
     rows.append(sweep.result_row(point, point_config, results, gmacs=0.1))
   assert len({r['model'] for r in rows}) == 12

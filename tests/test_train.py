@@ -1,48 +1,11 @@
-"""End to end through main.py: train on the real bundled digits, checkpoint, resume, evaluate."""
-
-import json
-import os
+"""The training loop in this process (train.py): what it builds once and reads at every eval.
+(Training end to end through main.py: test_main.py.)"""
 
 import pytest
-
-import helpers
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--config=configs/digits.py', '--config.model.depth=10', '--config.model.growth_rate=6',
-        '--config.image_size=8', '--config.batch_size=64', '--config.log_every_steps=10',
-        '--config.lr_decay_epochs=(0.5, 0.75)']
-
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.mark.parametrize('num_devices', [1, 8])
-def test_train_checkpoint_resume_and_evaluate(tmp_path, data_dir, num_devices):
-  workdir = str(tmp_path / 'run')
-  log = helpers.run_main([*TINY, f'--workdir={workdir}', '--config.num_epochs=1'], num_devices, data_dir)
-  assert f'{num_devices} devices' in log
-  results = json.load(open(os.path.join(workdir, 'results.json')))
-  steps_per_epoch = 1437 // 64
-  assert results['final']['step'] == steps_per_epoch
-  assert results['final']['eval']['test']['count'] == 360
-  assert results['num_params'] > 0 and results['config']['model']['depth'] == 10
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [str(steps_per_epoch)]
-  assert os.listdir(os.path.join(workdir, 'tensorboard'))
-
-  # Started again with a longer schedule, the run continues from its checkpoint.
-  log = helpers.run_main([*TINY, f'--workdir={workdir}', '--config.num_epochs=2'], num_devices, data_dir)
-  assert f'Resumed from step {steps_per_epoch}' in log
-  results = json.load(open(os.path.join(workdir, 'results.json')))
-  assert results['final']['step'] == 2 * steps_per_epoch
-  assert [h['step'] for h in [results['best'], results['final']]][1] == 2 * steps_per_epoch
-  error = results['final']['eval']['test']['top1_error']
-  assert error < 0.9  # two epochs of a tiny DenseNet already beat chance (0.9)
-
-  log = helpers.run_main([*TINY, f'--workdir={workdir}', '--mode=evaluate',
-                  '--config.eval_checkpoint=latest'], num_devices, data_dir)
-  assert f'test (360 images, step {2 * steps_per_epoch}): top1_error {100 * error:.2f}%' in log
 
 
 def test_eval_batches_are_built_once_and_read_at_every_eval(tmp_path, data_dir, monkeypatch):

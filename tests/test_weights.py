@@ -5,11 +5,9 @@ import hashlib
 import os
 import socket
 
-import numpy as np
 import pytest
-from flax import traverse_util
 
-from densenet_jax import config_validation, convert, weight_sources, weights
+from densenet_jax import config_validation, weights
 import helpers
 
 BODY = helpers.WEIGHTS_BODY
@@ -70,41 +68,3 @@ def test_published_names_are_checked_before_anything_runs():
                      match=r"'keras:densenet169': weights of densenet169, but config.model "
                            'builds densenet121'):
     config_validation.check_init_from('keras:densenet169', 'densenet121')
-
-
-def serve_load_and_reload(server, monkeypatch, cache, key: str, body: bytes, expected: dict):
-  """Serves `body` as the publisher's file of `key` (with its digest), loads `key` twice: the
-  second time from the converted copy alone, with no request; both equal `expected`."""
-  spec = helpers.serve(server, monkeypatch, key, body)
-  assert_trees_equal(weight_sources.published(key, str(cache)), expected)
-  assert sorted(os.listdir(cache)) == [spec.file_name, f'{spec.file_name}.converted.npz']
-  os.remove(cache / spec.file_name)  # the converted copy alone is enough now
-  assert_trees_equal(weight_sources.published(key, str(cache)), expected)
-  assert helpers.Publisher.requests == [f'/{spec.file_name}']
-
-
-def assert_trees_equal(a, b):
-  flat_a, flat_b = (traverse_util.flatten_dict(t) for t in (a, b))
-  assert sorted(flat_a) == sorted(flat_b)
-  for key, value in flat_a.items():
-    np.testing.assert_array_equal(value, flat_b[key], err_msg=str(key))
-
-
-@pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
-def test_keras_weights_download_convert_once_and_reuse(server, tmp_path, monkeypatch):
-  """The Keras branch: a DenseNet-121 weights file in the publisher's (legacy h5) format."""
-  body, model = helpers.keras_densenet121_weights(tmp_path)
-  serve_load_and_reload(server, monkeypatch, tmp_path / 'cache', 'keras:densenet121', body,
-                        convert.from_keras(model))
-
-
-def test_torchvision_weights_download_convert_once_and_reuse(server, tmp_path, monkeypatch):
-  """The torchvision branch: a .pth state_dict with torchvision's legacy key names, as its
-  published files have (needs torch only; CI's Python 3.11 set installs a CPU torch)."""
-  torch = pytest.importorskip('torch')
-  variables = helpers.random_variables('densenet121', np.random.default_rng(0))
-  state_dict = helpers.torchvision_state_dict(variables, legacy=True)
-  path = tmp_path / 'served.pth'
-  torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, path)
-  serve_load_and_reload(server, monkeypatch, tmp_path / 'cache', 'torchvision:densenet121',
-                        path.read_bytes(), variables)
