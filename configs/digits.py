@@ -6,8 +6,8 @@ The dataset (1,437 train / 360 test images, 10 classes) is prepared from scikit-
 first use. DenseNet-BC, L=22 (3 bottleneck layers a block), k=12, on the 8x8 images upscaled to
 16x16, random 1-pixel shifts; 30 epochs of batch 64 with the paper's optimizer and schedule.
 
-Reaches 99.2-99.4% test accuracy (median of seeds 0, 1, 2, on two machines) in about 4 minutes
-on 2 CPU cores, pip install included; the dated measurements are in docs/performance.md.
+Reaches 99.2-99.4% test accuracy (median of seeds 0, 1, 2, on two machines); the run takes about
+1.5 minutes on 2 CPU cores; the dated measurements are in docs/performance.md.
 """
 
 from configs import common

@@ -31,7 +31,7 @@ def digits_shift(image, key):
   """A random shift of a uint8 digit by up to DIGITS_PAD pixels (zero padding, then the original
   size cropped at offsets (y, x) uniform in [0, 2 * DIGITS_PAD]); no flip: digits are not
   mirror-symmetric. On the host: here it costs nothing, while on the device its random draws
-  add seconds of XLA compile to the 2-minute CPU run of the digits (docs/performance.md)."""
+  add seconds of XLA compile to the 1.5-minute CPU run of the digits (docs/performance.md)."""
   padded = tf.pad(image, [[DIGITS_PAD, DIGITS_PAD], [DIGITS_PAD, DIGITS_PAD], [0, 0]])
   offset = tf.random.stateless_uniform([2], key, 0, 2 * DIGITS_PAD + 1, dtype=tf.int32)
   return tf.slice(padded, [offset[0], offset[1], 0], image.shape)
