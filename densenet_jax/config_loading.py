@@ -23,9 +23,9 @@ def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS, **kwargs):
                                   flag_values=flag_values, lock_config=True, **kwargs)
 
 
-def load(config: str, overrides: Sequence[tuple] = ()) -> ml_collections.ConfigDict:
-  """The ConfigDict that main.py builds from --config=config --config.KEY=VALUE ..."""
-  argv = ['main.py', f'--config={config}', *(f'--config.{k}={v}' for k, v in overrides)]
+def load(config_file: str, overrides: Sequence[tuple] = ()) -> ml_collections.ConfigDict:
+  """The ConfigDict that main.py builds from --config=config_file --config.KEY=VALUE ..."""
+  argv = ['main.py', f'--config={config_file}', *(f'--config.{k}={v}' for k, v in overrides)]
   values = flags.FlagValues()
   define_config_flag(values, sys_argv=argv)
   values(argv)
