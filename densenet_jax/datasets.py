@@ -5,7 +5,7 @@ the host's work on an example (`host_train`, `host_eval`: names of functions of
 densenet_jax/preprocessing.py, looked up by the input pipeline) and the device's augmentation.
 An image folder ('folder:PATH') is one more spec, built from its `FolderOptions`
 (config.folder) by `folder_spec`. Adding a dataset is adding an entry here (and, for data that
-tfds does not have, a builder: `builder`).
+tfds does not have, its builder class, named by the spec's `builder`).
 
 TensorFlow-free (as are the configs and config_validation), so a config is checked in seconds.
 Sources of the constants: docs/reference.md.
@@ -122,6 +122,7 @@ class DatasetSpec:
   shuffle_buffer: Optional[int] = None  # None: the whole shard
   parallel_read: bool = False  # read its files in parallel (a fixed, interleaved order)
   prepared_on_first_use: bool = False  # offline: no download, prepared when first read
+  builder: Optional[str] = None  # 'module.Class' of its tfds builder, where tfds has none
   # What to download by hand before preparing (None: tfds downloads it).
   manual_download: Optional[str] = None
   # Its class names ship with the package (densenet_jax/data/): a model of it predicts without it.
@@ -144,7 +145,7 @@ _CIFAR = dict(image_shape=(32, 32, 3), host_train='decode', host_eval='decode',
 SPECS = {spec.name: spec for spec in (
     DatasetSpec('digits', image_shape=(8, 8, 1), normalization=(16.0, (0.0,), (1.0,)),
                 host_train='digits_shift', host_eval='decode', resizable=True,
-                prepared_on_first_use=True),
+                prepared_on_first_use=True, builder='densenet_jax.digits.Digits'),
     # CIFAR's statistics are on the 0..255 scale.
     DatasetSpec('cifar10', normalization=(1.0, (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
                 **_CIFAR),

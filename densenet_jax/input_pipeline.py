@@ -52,21 +52,18 @@ checked by `config_validation.check_dataset_options`. Constants: docs/reference.
 import argparse
 import dataclasses
 import functools
+import importlib
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import config_validation, datasets, digits, errors, folder, folder_listing
+from densenet_jax import config_validation, datasets, errors, folder, folder_listing
 from densenet_jax import preprocessing as pp
 from densenet_jax.augment import DeviceTransform
 from densenet_jax.datasets import DataOptions, DatasetInfo, DatasetSpec
 from densenet_jax.devices import Topology
-
-# Datasets that tfds does not have: their builders (prepared offline, on first use).
-BUILDERS = {'digits': digits.Digits}
-
 
 class NotPrepared(errors.UserError, FileNotFoundError):
   """A dataset that must be prepared (downloaded) first; the message says how."""
@@ -94,8 +91,9 @@ def _new_builder(spec: DatasetSpec, data_dir: Optional[str]):
         folder_listing.scan(folder_listing.folder_path(spec.name)), data_dir=data_dir,
         max_side=options.max_side, holdout_fraction=options.holdout_fraction,
         holdout_seed=options.holdout_seed)
-  if spec.name in BUILDERS:
-    return BUILDERS[spec.name](data_dir=data_dir)
+  if spec.builder:  # data tfds does not have (digits)
+    module, _, name = spec.builder.rpartition('.')
+    return getattr(importlib.import_module(module), name)(data_dir=data_dir)
   return tfds.builder(spec.name, data_dir=data_dir)
 
 
