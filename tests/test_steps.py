@@ -96,48 +96,6 @@ def test_per_device_batchnorm_differs_from_cross_replica():
   assert not np.allclose(synced.params['classifier']['kernel'], local.params['classifier']['kernel'])
 
 
-def test_eval_step_counts_only_unmasked_examples_and_averages_ten_crops():
-  model = models.DenseNet(block_sizes=(1,), growth_rate=4, num_classes=3)
-  state = steps.create_train_state(model, jax.random.key(0), (8, 8, 3),
-                                   steps.sgd_nesterov(0.1, 0.9, 0.0))
-  rng = np.random.default_rng(0)
-  images = rng.normal(size=(4, 8, 8, 3)).astype(np.float32)
-  labels = np.array([0, 1, 2, 0], np.int32)
-  mask = np.array([1, 1, 1, 0], np.float32)
-  sums = inference.eval_step(state, {'image': images, 'label': labels, 'mask': mask},
-                             axis_name=None)
-  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images)
-  errors = (np.argmax(logits, -1) != labels)[:3]
-  assert float(sums['count']) == 3
-  assert float(sums['top1_error']) == pytest.approx(errors.sum())
-  crops = np.stack([images, images[:, :, ::-1]], axis=1)  # [batch, 2 crops, H, W, C]
-  flipped = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                           images[:, :, ::-1])
-  mean_logits = (np.asarray(logits) + np.asarray(flipped)) / 2
-  sums = inference.eval_step(state, {'image': crops, 'label': labels, 'mask': mask},
-                             axis_name=None)
-  expected = (np.argmax(mean_logits, -1) != labels)[:3].sum()
-  assert float(sums['top1_error']) == pytest.approx(expected)
-
-
-def test_eval_step_confusion_matrix_counts_unmasked_examples_by_true_and_predicted_class():
-  model = models.DenseNet(block_sizes=(1,), growth_rate=4, num_classes=3)
-  state = steps.create_train_state(model, jax.random.key(0), (8, 8, 3),
-                                   steps.sgd_nesterov(0.1, 0.9, 0.0))
-  images = np.random.default_rng(1).normal(size=(6, 8, 8, 3)).astype(np.float32)
-  labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
-  mask = np.array([1, 1, 1, 1, 1, 0], np.float32)
-  sums = inference.eval_step(state, {'image': images, 'label': labels, 'mask': mask},
-                         confusion=True, axis_name=None)
-  predicted = np.argmax(state.apply_fn({'params': state.params,
-                                        'batch_stats': state.batch_stats}, images), -1)
-  expected = np.zeros((3, 3))
-  for true, guess in zip(labels[:5], predicted[:5]):
-    expected[true, guess] += 1
-  np.testing.assert_array_equal(sums['confusion'], expected)
-  assert float(sums['top1_error']) == 5 - np.trace(expected)
-
-
 def test_train_step_with_class_weights_minimizes_the_weighted_mean_loss():
   model = models.DenseNet(block_sizes=(1,), growth_rate=4, num_classes=3)
   state = steps.create_train_state(model, jax.random.key(0), (8, 8, 3),
