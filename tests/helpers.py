@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = re.compile(r'step (\d+)/\d+ ')
 WEIGHTS_BODY = np.random.default_rng(0).bytes(300_000)  # the publisher's /good.bin, /cut.bin
 NUM_CLASSES = 10  # random_variables' classifier
+DIGITS_STEPS_PER_EPOCH = 1437 // 64  # the digits' 1,437 training images in batches of 64
 
 
 def start(args, num_devices: int) -> subprocess.Popen:

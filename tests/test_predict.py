@@ -16,6 +16,7 @@ from PIL import Image
 
 from configs import digits
 from densenet_jax import checkpoints, predict, run_setup, steps
+from densenet_jax.datasets import SPECS
 from densenet_jax.settings import ModelSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,3 +115,12 @@ def test_table_and_csv_name_the_classes_best_first(tmp_path):
   assert rows == [['file', 'class_1', 'probability_1', 'class_2', 'probability_2'],
                   ['x.png', 'c', '0.700000', 'a', '0.200000'],
                   ['y.png', 'b', '0.500000', 'c', '0.250000']]
+
+
+def test_imagenet_class_names_ship_in_label_order():
+  import tensorflow_datasets as tfds
+  classes = predict.shipped_classes(SPECS['imagenet2012'])
+  assert classes[0] == ('n01440764', 'tench, Tinca tinca') and len(classes) == 1000
+  assert [wnid for wnid, _ in classes] == tfds.builder('imagenet2012').info.features[
+      'label'].names
+  assert all(name for _, name in classes)
