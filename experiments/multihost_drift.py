@@ -16,9 +16,14 @@ devices, another data shard), the difference would stay large in float64; if it 
 the all-reduce sums, it falls by the ratio of the two precisions' rounding (~1e9).
 
   python experiments/multihost_drift.py            # ~4 minutes on 2 CPU cores
+
+tests/test_multihost.py runs its float64 comparison through `launch`, with the planted bugs of
+RUNS as the runs its tolerance must reject.
 """
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import socket
@@ -36,15 +41,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN = BATCH * STEPS_PER_EPOCH
 
 
-def batches(data_dir: str, roll: int):
-  """This process's share of each global batch: with one process, both processes' shards
-  concatenated (as the multi-host test's reference does), then rotated by `roll` devices."""
+def batches(data_dir: str, roll: int, shards_read=(0, 1)):
+  """This process's share of each global batch: with one process, the shards of `shards_read`
+  concatenated (both processes' shards, as two processes read them), then rotated by `roll`
+  devices."""
   import jax
 
   from densenet_jax import input_pipeline
   from densenet_jax.datasets import DataOptions
   from densenet_jax.devices import Topology
-  shards = (0, 1) if jax.process_count() == 1 else (jax.process_index(),)
+  shards = shards_read if jax.process_count() == 1 else (jax.process_index(),)
   iterators = [input_pipeline.Data(DataOptions('cifar10', data_dir)).train_iterator(
       Topology(BATCH, i, process_count=2, local_device_count=2)) for i in shards]
   while True:
@@ -53,32 +59,59 @@ def batches(data_dir: str, roll: int):
     yield {k: np.roll(v, roll, axis=0) for k, v in batch.items()}  # [devices, per device, ...]
 
 
-def train(dtype: str, roll: int, data_dir: str) -> dict:
-  """Runs in this process's topology; returns per-step losses and flat params after
-  REPORT_AFTER steps (process 0's copy)."""
-  import functools
+# What one-process runs can be: the reference ('roll0'), its batches rotated over the devices
+# (the control: the same arithmetic, the all-reduces summed in other orders), and two planted
+# bugs of multi-host training that tests/test_multihost.py must catch.
+RUNS = ('roll0', 'roll1', 'roll2', 'roll3', 'one_shard', 'bn_per_process')
 
+
+@contextlib.contextmanager
+def planted(run: str):
+  """'bn_per_process': BN statistics averaged over each process's two devices instead of all
+  four (devices 0-1 hold process 0's shard, 2-3 process 1's); other runs: nothing."""
+  if run != 'bn_per_process':
+    yield
+    return
+  import flax.linen as nn
+
+  from densenet_jax import models
+  original = nn.BatchNorm
+  models.nn.BatchNorm = functools.partial(original, axis_index_groups=[[0, 1], [2, 3]])
+  try:
+    yield
+  finally:
+    models.nn.BatchNorm = original
+
+
+def train(dtype: str, run: str, data_dir: str, steps: int = STEPS) -> dict:
+  """Runs in this process's topology; returns per-step losses and flat params after the steps
+  of REPORT_AFTER up to `steps` and after `steps` (process 0's copy). run: one of RUNS (two
+  processes: 'roll0')."""
   import jax
 
-  from densenet_jax import devices, inference, input_pipeline, models, steps
+  from densenet_jax import devices, inference, input_pipeline, models
+  from densenet_jax import steps as train_steps
   from densenet_jax.datasets import DataOptions
 
   model = models.create_model('densenet40_k12', depth=7, growth_rate=4, num_classes=10,
                               dtype=dtype, axis_name=inference.AXIS_NAME)
-  learning_rate_fn = steps.learning_rate_schedule(LEARNING_RATE, STEPS_PER_EPOCH, (2.5,))
-  tx = steps.sgd_nesterov(learning_rate_fn, 0.9, 1e-4)
-  state = steps.create_train_state(model, jax.random.key(0), (32, 32, 3), tx)
+  learning_rate_fn = train_steps.learning_rate_schedule(LEARNING_RATE, STEPS_PER_EPOCH, (2.5,))
+  tx = train_steps.sgd_nesterov(learning_rate_fn, 0.9, 1e-4)
+  state = train_steps.create_train_state(model, jax.random.key(0), (32, 32, 3), tx)
   transform = input_pipeline.Data(DataOptions('cifar10', data_dir)).device_transform(train=True)
-  p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
-                                      transform=transform), axis_name=inference.AXIS_NAME)
-  p_state = devices.replicate(state)
-  losses, params = [], {}
-  for step, batch in zip(range(1, STEPS + 1), batches(data_dir, roll)):
-    p_state, metrics = p_step(p_state, batch)
-    losses.append(float(devices.unreplicate(metrics)['loss']))
-    if step in REPORT_AFTER:
-      leaves = jax.tree.leaves(devices.unreplicate(p_state.params))
-      params[step] = np.concatenate([np.ravel(x) for x in leaves]).astype(np.float64)
+  with planted(run):
+    p_step = jax.pmap(functools.partial(train_steps.train_step, learning_rate_fn=learning_rate_fn,
+                                        transform=transform), axis_name=inference.AXIS_NAME)
+    p_state = devices.replicate(state)
+    roll = int(run[4:]) if run.startswith('roll') else 0
+    source = batches(data_dir, roll, shards_read=(0, 0) if run == 'one_shard' else (0, 1))
+    losses, params = [], {}
+    for step, batch in zip(range(1, steps + 1), source):
+      p_state, metrics = p_step(p_state, batch)
+      losses.append(float(devices.unreplicate(metrics)['loss']))
+      if step in REPORT_AFTER or step == steps:
+        leaves = jax.tree.leaves(devices.unreplicate(p_state.params))
+        params[step] = np.concatenate([np.ravel(x) for x in leaves]).astype(np.float64)
   return {'losses': losses, 'params': params}
 
 
@@ -89,10 +122,10 @@ def worker(args):
     jax.config.update('jax_enable_x64', True)
   if args.num_processes > 1:
     jax.distributed.initialize(f'localhost:{args.port}', args.num_processes, args.process_id)
-  runs = {roll: train(args.dtype, roll, args.data_dir) for roll in args.rolls}
+  runs = {run: train(args.dtype, run, args.data_dir, args.steps) for run in args.runs}
   if jax.process_index() == 0:
-    np.savez(args.out, **{f'{roll}_losses': r['losses'] for roll, r in runs.items()},
-             **{f'{roll}_params_{s}': p for roll, r in runs.items()
+    np.savez(args.out, **{f'{run}_losses': r['losses'] for run, r in runs.items()},
+             **{f'{run}_params_{s}': p for run, r in runs.items()
                 for s, p in r['params'].items()})
   print(json.dumps({'jax': jax.__version__, 'devices': jax.device_count()}))
 
@@ -103,37 +136,46 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(out: str, dtype: str, num_processes: int, data_dir: str, rolls=(0,)):
+def launch(out: str, dtype: str, num_processes: int, data_dir: str, runs=('roll0',),
+           steps: int = STEPS) -> subprocess.Popen:
+  """Starts the worker processes of one run (4 devices in all); `wait` ends them. Process 0
+  saves to `out`: {run}_losses and {run}_params_{step} of each of `runs`."""
   port = free_port()
   env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(4 // num_processes), JAX_PLATFORMS='cpu',
              TF_CPP_MIN_LOG_LEVEL='1')
   procs = [subprocess.Popen(
       [sys.executable, __file__, '--worker', f'--out={out}', f'--dtype={dtype}',
        f'--num_processes={num_processes}', f'--process_id={i}', f'--port={port}',
-       f'--rolls={",".join(map(str, rolls))}', f'--data_dir={data_dir}'],
+       f'--runs={",".join(runs)}', f'--steps={steps}', f'--data_dir={data_dir}'],
       env=dict(env, PYTHONPATH=ROOT), stdout=subprocess.PIPE, text=True)
       for i in range(num_processes)]
-  for p in procs:
+  return procs
+
+
+def wait(procs) -> dict:
+  """{'jax': version, 'devices': count} of a launched run, once all its processes ended."""
+  for i, p in enumerate(procs):
     stdout, _ = p.communicate(timeout=900)
     if p.returncode:
-      sys.exit(f'worker failed with status {p.returncode}')
+      raise RuntimeError(f'worker {i} of {len(procs)} failed with status {p.returncode}')
   return json.loads(stdout.strip().splitlines()[-1])
 
 
 def compare(dtype: str, tmp: str):
   one, two = os.path.join(tmp, f'one_{dtype}.npz'), os.path.join(tmp, f'two_{dtype}.npz')
   data_dir = os.path.join(tmp, 'tfds')
-  info = launch(one, dtype, 1, data_dir, rolls=(0, 1, 2, 3))
-  launch(two, dtype, 2, data_dir)
+  info = wait(launch(one, dtype, 1, data_dir, runs=('roll0', 'roll1', 'roll2', 'roll3')))
+  wait(launch(two, dtype, 2, data_dir))
   one, two = np.load(one), np.load(two)
   print(f'\n## {dtype} (jax {info["jax"]}): largest |params - reference| after n steps\n')
   print('| run | ' + ' | '.join(f'n={s}' for s in REPORT_AFTER) + ' |')
   print('|---|' + '---|' * len(REPORT_AFTER))
-  rows = [(f'one process, shards rotated by {r}', one, r) for r in (1, 2, 3)]
-  for label, run, roll in rows + [('two processes', two, 0)]:
-    cells = [np.abs(run[f'{roll}_params_{s}'] - one[f'0_params_{s}']).max() for s in REPORT_AFTER]
+  rows = [(f'one process, shards rotated by {r}', one, f'roll{r}') for r in (1, 2, 3)]
+  for label, run, name in rows + [('two processes', two, 'roll0')]:
+    cells = [np.abs(run[f'{name}_params_{s}'] - one[f'roll0_params_{s}']).max()
+             for s in REPORT_AFTER]
     print(f'| {label} | ' + ' | '.join(f'{c:.1e}' for c in cells) + ' |')
-  return one['0_losses'], two['0_losses']
+  return one['roll0_losses'], two['roll0_losses']
 
 
 def main():
@@ -145,7 +187,8 @@ def main():
   parser.add_argument('--process_id', type=int, default=0)
   parser.add_argument('--port', type=int)
   parser.add_argument('--data_dir')
-  parser.add_argument('--rolls', default='0', type=lambda s: tuple(map(int, s.split(','))))
+  parser.add_argument('--runs', default='roll0', type=lambda s: tuple(s.split(',')))
+  parser.add_argument('--steps', type=int, default=STEPS)
   args = parser.parse_args()
   if args.worker:
     return worker(args)

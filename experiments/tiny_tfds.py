@@ -87,10 +87,13 @@ def _tar(members: dict) -> bytes:
   return buffer.getvalue()
 
 
-def build_imagenet(data_dir, manual_dir, num_val: int = 6):
-  """ILSVRC2012_img_train.tar (one tar per class, 4 photos each) and ILSVRC2012_img_val.tar
-  (`num_val` photos, labelled by tfds's validation_labels.txt) prepared by tfds."""
+def build_imagenet(data_dir, manual_dir, num_val: int = 6, mirrored: bool = False):
+  """ILSVRC2012_img_train.tar (one tar per class, 4 photos each; 8 with `mirrored`, the photos
+  and their mirror images) and ILSVRC2012_img_val.tar (`num_val` photos, labelled by tfds's
+  validation_labels.txt) prepared by tfds."""
   photos = [jpeg(p) for p in sample_photos()]
+  if mirrored:
+    photos += [jpeg(p[:, ::-1]) for p in sample_photos()]
   per_class = len(photos) // len(IMAGENET_CLASSES)
   train = {f'{wnid}.tar': _tar({f'{wnid}_{i}.JPEG': photos[c * per_class + i]
                                 for i in range(per_class)})

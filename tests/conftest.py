@@ -1,27 +1,57 @@
-"""Test setup: 8 virtual CPU devices and one persistent compilation cache for the whole run, and
-the fixtures several modules use (`server`: a weights publisher on 127.0.0.1; `keras_file`: a
-saved Keras DenseNet-121).
+"""Test setup: 8 virtual CPU devices and one persistent compilation cache for the whole run, the
+order the tests start in, and the fixtures several modules use (`server`: a weights publisher on
+127.0.0.1; `keras_file`: a saved Keras DenseNet-121).
 
-Both must be set before JAX starts, so they are environment variables; subprocesses that tests
-start inherit them.
+Devices, cache and compiler settings must be set before JAX starts, so they are environment
+variables, set here in pytest's main process before it starts the xdist workers: the workers and
+the subprocesses that tests start inherit them. The cache is a directory this run creates (and
+removes at its end), so a run starts cold, as CI does, and every worker and subprocess compiles
+each program once. XLA compiles without most of its optimizations (JAX_DISABLE_MOST_OPTIMIZATIONS):
+what a program computes is the same, it compiles several times faster (tiny DenseNets, most of
+the suite's time) and runs slower (irrelevant at the tests' sizes). A test about what the
+optimizing compiler makes of a program (the memory of a compiled step) asks for it with the
+`xla_optimized` fixture.
 """
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(tempfile.gettempdir(), 'densenet_jax_test_cache'))
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='densenet_jax_test_cache_')
+  os.environ['DENSENET_JAX_TEST_CACHE_OWNER'] = str(os.getpid())
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 import http.server  # pylint: disable=wrong-import-position
 import threading  # pylint: disable=wrong-import-position
 
+import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 import helpers  # pylint: disable=wrong-import-position
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: takes 10 s or more (its file starts first, so that '
+                                     'two workers end together); -m "not slow": a fast inner loop')
+
+
+def pytest_collection_modifyitems(items):
+  """Files with slow tests first: xdist hands the files out in this order (pyproject.toml:
+  --dist loadfile), and a long one started last would leave the other worker idle at the end.
+  Each file's tests stay together and in order, so that a module fixture is built once."""
+  slow_files = {item.path for item in items if item.get_closest_marker('slow')}
+  items.sort(key=lambda item: item.path not in slow_files)
+
+
+def pytest_unconfigure(config):
+  if (not hasattr(config, 'workerinput')
+      and os.environ.get('DENSENET_JAX_TEST_CACHE_OWNER') == str(os.getpid())):
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 @pytest.fixture
 def server(monkeypatch):
@@ -36,12 +66,19 @@ def server(monkeypatch):
   httpd.server_close()
 
 
+@pytest.fixture
+def xla_optimized():
+  """The test's programs compile with all of XLA's optimizations, as outside the tests."""
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
 
 
 @pytest.fixture(scope='session')
 def keras_file(tmp_path_factory):
-  keras = pytest.importorskip('keras')
   """A Keras DenseNet-121 with random weights and random BN statistics, saved to .keras."""
+  keras = pytest.importorskip('keras')
   model = keras.applications.DenseNet121(weights=None, classifier_activation=None)
   rng = np.random.default_rng(0)
   for layer in model.layers:

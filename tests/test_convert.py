@@ -22,15 +22,6 @@ NUM_CLASSES = 10
 TORCH_SKIP = 'needs torch and torchvision: pip install torch==2.14.1 torchvision==0.29.1'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compile():
-  """Less XLA optimization: DenseNet-121 compiles in 4.6 s instead of 7.4 s on CPU."""
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(model, variables, images):
   return model.apply(variables, images)

@@ -6,7 +6,6 @@ path from 127.0.0.1."""
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -18,17 +17,8 @@ from experiments import tiny_tfds
 import helpers
 
 
-@pytest.fixture
-def fast_compile():
-  """DenseNet-121's train step compiles in a fraction of the time with fewer XLA passes."""
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
-
-
 @pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
-def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch, fast_compile):
+def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch):
   photos = tiny_tfds.sample_photos()
   for i, photo in enumerate(photos):
     split = 'test' if i >= 8 else 'train'
@@ -76,7 +66,7 @@ def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch, fast
 
 @pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
 def test_predict_with_published_imagenet_weights_names_keras_top_classes(
-    server, tmp_path, monkeypatch, fast_compile):
+    server, tmp_path, monkeypatch):
   """--mode=predict without a run: config.init_from's 1000-class weights, ImageNet's class
   names and the weights' own eval transform (bilinear resize); the top classes are the Keras
   model's own on the same input."""

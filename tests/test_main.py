@@ -1,18 +1,20 @@
-"""main.py end to end, in subprocesses:
+"""main.py end to end, in subprocesses, where what is tested is the process: its exit status and
+error lines, signals, kill -9, several processes, files left for the next command.
 
-- train on the bundled digits, checkpoint, resume and evaluate, on 1 and 8 devices;
-- exact resume: runs stopped by SIGTERM, SIGINT or kill -9 (digits, augmented CIFAR and
-  ImageNet) and restarted end with the bitwise state of a run that was never stopped;
-- your own images: the digits as PNG class folders (bad files among them) train with the digits
-  config, --mode=evaluate reports per-class recall and the confusion matrix, --mode=predict
-  after the data has moved agrees with the test accuracy, two processes prepare a folder once;
-- imported Keras weights evaluated like Keras;
 - what a user who causes an error sees for weights that cannot be had: one `main.py: error:`
-  line, exit status 1, no traceback.
+  line, exit status 1, no traceback;
+- the bundled digits on 2 devices: a run's results, checkpoints and summaries; runs stopped by
+  SIGTERM and kill -9 and restarted end with the bitwise state of the run that never stopped;
+  --mode=evaluate on its checkpoint; a longer schedule continues from it;
+- your own images, in two processes of one run: the digits as PNG class folders (bad files
+  among them) are prepared once by process 0; a SIGTERM to process 1 stops both at one step and
+  the pair resumes from it; the run trains like digits and reports its classes; --mode=evaluate
+  prints per-class recall and the confusion matrix; --mode=predict after the data has moved
+  agrees with the test accuracy.
 
-(Bad configs: test_config_validation.py; two processes against one: test_multihost.py.)"""
+(Exact mid-epoch resume of augmented CIFAR and ImageNet in this process: test_train.py. Bad
+configs: test_config_validation.py. Two processes compute what one does: test_multihost.py.)"""
 
-import concurrent.futures
 import csv
 import functools
 import json
@@ -27,23 +29,18 @@ import sys
 import numpy as np
 import pytest
 
-from densenet_jax import augment, datasets, input_pipeline
-from densenet_jax.datasets import DataOptions
-from densenet_jax.devices import Topology
 from experiments import tiny_tfds
 import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET = '--config=configs/imagenet_densenet121.py'
-# A tiny digits run that logs every step (where a signal is sent) and draws dropout masks.
+# A tiny digits run of 3 epochs that logs every step (where a signal is sent) and draws dropout
+# masks.
 DIGITS = ['--config=configs/digits.py', '--config.model.depth=10', '--config.model.growth_rate=6',
           '--config.model.dropout_rate=0.2', '--config.image_size=8', '--config.batch_size=64',
-          '--config.eval_batch_size=120', '--config.log_every_steps=1']
+          '--config.eval_batch_size=120', '--config.log_every_steps=1', '--config.num_epochs=3',
+          '--config.lr_decay_epochs=(1.5,2.5)']
 DIGITS_STEPS_PER_EPOCH = helpers.DIGITS_STEPS_PER_EPOCH
-# A tiny digits run for train, resume and evaluate.
-TINY = ['--config=configs/digits.py', '--config.model.depth=10', '--config.model.growth_rate=6',
-        '--config.image_size=8', '--config.batch_size=64', '--config.log_every_steps=10',
-        '--config.lr_decay_epochs=(0.5, 0.75)']
 
 
 def closed_port() -> int:
@@ -106,82 +103,9 @@ def test_a_weights_file_that_is_no_densenet_is_one_error_line(tmp_path, photo):
 
 
 # ---------------------------------------------------------------------------------------------
-# Train, resume and evaluate; imported weights.
+# The digits: a run, its exact resume after signals and kill -9, evaluate, a longer schedule.
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.mark.parametrize('num_devices', [1, 8])
-def test_train_checkpoint_resume_and_evaluate(tmp_path, data_dir, num_devices):
-  workdir = str(tmp_path / 'run')
-  log = helpers.run_main([*TINY, f'--workdir={workdir}', '--config.num_epochs=1'], num_devices,
-                         data_dir)
-  assert f'{num_devices} devices' in log
-  results = json.load(open(os.path.join(workdir, 'results.json')))
-  steps_per_epoch = DIGITS_STEPS_PER_EPOCH
-  assert results['final']['step'] == steps_per_epoch
-  assert results['final']['eval']['test']['count'] == 360
-  assert results['num_params'] > 0 and results['config']['model']['depth'] == 10
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [str(steps_per_epoch)]
-  assert os.listdir(os.path.join(workdir, 'tensorboard'))
-
-  # Started again with a longer schedule, the run continues from its checkpoint.
-  log = helpers.run_main([*TINY, f'--workdir={workdir}', '--config.num_epochs=2'], num_devices,
-                         data_dir)
-  assert f'Resumed from step {steps_per_epoch}' in log
-  results = json.load(open(os.path.join(workdir, 'results.json')))
-  assert results['final']['step'] == 2 * steps_per_epoch
-  assert [h['step'] for h in [results['best'], results['final']]][1] == 2 * steps_per_epoch
-  error = results['final']['eval']['test']['top1_error']
-  assert error < 0.9  # two epochs of a tiny DenseNet already beat chance (0.9)
-
-  log = helpers.run_main([*TINY, f'--workdir={workdir}', '--mode=evaluate',
-                          '--config.eval_checkpoint=latest'], num_devices, data_dir)
-  assert f'test (360 images, step {2 * steps_per_epoch}): top1_error {100 * error:.2f}%' in log
-
-
-@pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
-def test_evaluate_mode_scores_imported_keras_weights_like_keras(tmp_path, keras_file):
-  path, keras_model = keras_file
-  data_dir = tmp_path / 'tfds'
-  tiny_tfds.build_imagenet(data_dir, data_dir / 'manual')
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
-  proc = subprocess.run(
-      [sys.executable, 'main.py', '--config=configs/imagenet_densenet121.py', '--mode=evaluate',
-       f'--config.init_from={path}', f'--config.data_dir={data_dir}',
-       '--config.eval_batch_size=8', f'--workdir={tmp_path / "run"}'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  match = re.search(r'validation \((\d+) images, step 0\): top1_error ([\d.]+)% '
-                    r'top5_error ([\d.]+)% loss ([\d.]+)', proc.stdout)
-  assert match, proc.stdout[-2000:]
-
-  # Keras itself on the same preprocessed (bicubic resize 256, center crop 224) images.
-  data = input_pipeline.Data(DataOptions('imagenet2012', str(data_dir), eval_resize='bicubic'))
-  batches, _ = data.eval_iterator('validation', Topology(8))
-  transform = data.device_transform(train=False)
-  losses, errors, count = [], [], 0
-  for batch in batches:
-    mask = batch['mask'][0] == 1
-    images = np.asarray(augment.apply(transform, batch['image'][0][mask]))
-    logits = np.asarray(keras_model(images, training=False), np.float64)
-    labels = batch['label'][0][mask]
-    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
-                                keepdims=True)) - logits.max(-1, keepdims=True)
-    losses.extend(-log_probs[np.arange(len(labels)), labels])
-    errors.extend(np.argmax(logits, -1) != labels)
-    count += int(mask.sum())
-  assert int(match[1]) == count
-  assert float(match[2]) == pytest.approx(100 * np.mean(errors), abs=0.01)
-  assert float(match[4]) == pytest.approx(np.mean(losses), abs=2e-4)
-
-
-# ---------------------------------------------------------------------------------------------
-# Exact resume after signals and kill -9.
-
-def without_speed(record: dict) -> dict:
+def without_speed(record: dict) -> list:
   """The history of a record without images/s, which depends on the machine's load."""
   return [{**h, 'train': {k: v for k, v in h['train'].items() if k != 'images_per_sec'}}
           for h in record['history']]
@@ -194,128 +118,129 @@ def stopped_step(log: str, name: str) -> int:
 
 
 @pytest.fixture(scope='module')
-def digits_dir(tmp_path_factory):
-  """The digits prepared once, before processes that run at once share them."""
-  data_dir = str(tmp_path_factory.mktemp('digits'))
-  input_pipeline.Data(datasets.DataOptions('digits', data_dir))
-  return data_dir
+def digits_run(tmp_path_factory):
+  """(data_dir, workdir, log) of an uninterrupted DIGITS run on 2 devices."""
+  root = tmp_path_factory.mktemp('digits')
+  status, log = helpers.finish(helpers.start(
+      [*DIGITS, f'--config.data_dir={root / "tfds"}', f'--workdir={root / "run"}'], 2))
+  assert status == 0, log[-3000:]
+  return str(root / 'tfds'), root / 'run', log
 
 
-def test_signals_and_kill_9_resume_exactly_on_digits(tmp_path, digits_dir):
-  args = [*DIGITS, f'--config.data_dir={digits_dir}', '--config.num_epochs=3',
-          '--config.lr_decay_epochs=(1.5,2.5)']
+@pytest.mark.slow
+def test_a_run_writes_results_checkpoints_and_summaries(digits_run):
+  _, workdir, log = digits_run
+  assert '2 devices' in log and 'prepared to' in log  # the digits, prepared on first use
+  results = json.loads((workdir / 'results.json').read_text())
+  assert [h['step'] for h in results['history']] == [22, 44, 66]
+  assert results['final']['step'] == 3 * DIGITS_STEPS_PER_EPOCH
+  assert results['final']['eval']['test']['count'] == 360
+  assert results['final']['eval']['test']['top1_error'] < 0.9  # beats chance (0.9)
+  assert results['num_params'] > 0 and results['config']['model']['depth'] == 10
+  assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['22', '44', '66']
+  assert os.listdir(workdir / 'tensorboard')
+
+
+@pytest.mark.slow
+def test_signals_and_kill_9_resume_exactly_on_digits(tmp_path, digits_run):
+  data_dir, reference, _ = digits_run
+  args = [*DIGITS, f'--config.data_dir={data_dir}', f'--workdir={tmp_path / "run"}']
   run = functools.partial(helpers.start, num_devices=2)
-  workdir, reference = f'--workdir={tmp_path / "run"}', f'--workdir={tmp_path / "reference"}'
-  uninterrupted = concurrent.futures.ThreadPoolExecutor(1).submit(
-      helpers.finish, run([*args, reference]))
 
-  status, log = helpers.finish(run([*args, workdir]), signal_at=5, signum=signal.SIGTERM)
+  status, log = helpers.finish(run(args), signal_at=5, signum=signal.SIGTERM)
   assert status == 128 + signal.SIGTERM, log[-3000:]
   first = stopped_step(log, 'SIGTERM')
   assert 'run the same command again to resume' in log
   assert helpers.complete_steps(tmp_path / 'run')[-1] == first
 
   # kill -9 after the second eval: no chance to save; the last complete checkpoint is used.
-  status, log = helpers.finish(run([*args, workdir]), signal_at=2 * DIGITS_STEPS_PER_EPOCH + 3,
-                                 signum=signal.SIGKILL)
+  status, log = helpers.finish(run(args), signal_at=2 * DIGITS_STEPS_PER_EPOCH + 3,
+                               signum=signal.SIGKILL)
   assert status == -signal.SIGKILL and f'Resumed from step {first} ' in log
   last_complete = helpers.complete_steps(tmp_path / 'run')[-1]
   assert last_complete in (first, DIGITS_STEPS_PER_EPOCH, 2 * DIGITS_STEPS_PER_EPOCH)
 
-  status, log = helpers.finish(run([*args, workdir]))
+  status, log = helpers.finish(run(args))
   assert status == 0 and f'Resumed from step {last_complete} ' in log, log[-3000:]
-  status, log = uninterrupted.result()
-  assert status == 0, log[-3000:]
   step, state, record = helpers.last_checkpoint(str(tmp_path / 'run'))
-  ref_step, ref_state, ref_record = helpers.last_checkpoint(str(tmp_path / 'reference'))
+  ref_step, ref_state, ref_record = helpers.last_checkpoint(str(reference))
   assert step == ref_step == 3 * DIGITS_STEPS_PER_EPOCH
   helpers.assert_bitwise_equal(state, ref_state)
   assert without_speed(record) == without_speed(ref_record)  # each eval once, same metrics
-  assert [h['step'] for h in record['history']] == [22, 44, 66]
 
 
-@pytest.fixture(scope='module')
-def cifar_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp('tfds')
-  tiny_tfds.store('cifar10', root, {'train': (np.arange(96), np.arange(96) % 10),
-                                        'test': (np.arange(1000, 1030), np.arange(30) % 10)})
-  return str(root)
+@pytest.mark.slow
+def test_evaluate_mode_scores_the_checkpoint_as_training_did(digits_run):
+  data_dir, workdir, _ = digits_run
+  results = json.loads((workdir / 'results.json').read_text())
+  error = results['final']['eval']['test']['top1_error']
+  log = helpers.run_main([*DIGITS, f'--workdir={workdir}', '--mode=evaluate',
+                          '--config.eval_checkpoint=latest'], 2, data_dir)
+  assert f'test (360 images, step 66): top1_error {100 * error:.2f}%' in log
 
 
-def assert_stopped_mid_epoch_resumes_exactly(tmp_path, args, signum, signal_at,
-                                             steps_per_epoch):
-  """A run of main.py stopped by `signum` mid-epoch and resumed ends bitwise equal to an
-  uninterrupted one (2 devices each), with the same eval history."""
-  reference = concurrent.futures.ThreadPoolExecutor(1).submit(
-      helpers.finish, helpers.start([*args, f'--workdir={tmp_path / "reference"}'], 2))
-  status, log = helpers.finish(helpers.start([*args, f'--workdir={tmp_path / "run"}'], 2),
-                                 signal_at=signal_at, signum=signum)
-  assert status == 128 + signum, log[-3000:]
-  stopped = stopped_step(log, signum.name)
-  assert stopped % steps_per_epoch, 'stopped at an epoch end: the test wants a mid-epoch resume'
-  status, log = helpers.finish(helpers.start([*args, f'--workdir={tmp_path / "run"}'], 2))
-  assert status == 0 and f'Resumed from step {stopped} ' in log, log[-3000:]
-  status, log = reference.result()
-  assert status == 0, log[-3000:]
-  _, state, record = helpers.last_checkpoint(str(tmp_path / 'run'))
-  _, ref_state, ref_record = helpers.last_checkpoint(str(tmp_path / 'reference'))
-  helpers.assert_bitwise_equal(state, ref_state)
-  assert without_speed(record) == without_speed(ref_record)
-
-
-def test_augmented_cifar_resumes_exactly_after_sigint(tmp_path, cifar_dir):
-  """C10+: the device's random crops and flips replay exactly after a resume mid-epoch."""
-  args = ['--config=configs/cifar.py:densenet40_k12,c10+,quick', '--config.model.growth_rate=4',
-          '--config.batch_size=8', '--config.eval_batch_size=10', '--config.log_every_steps=1',
-          '--config.num_epochs=2', '--config.lr_decay_epochs=(1.5,)',
-          f'--config.data_dir={cifar_dir}']
-  assert_stopped_mid_epoch_resumes_exactly(tmp_path, args, signal.SIGINT, signal_at=7,
-                                           steps_per_epoch=12)
-
-
-@pytest.fixture(scope='module')
-def imagenet_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp('tfds')
-  tiny_tfds.build_imagenet(root, root / 'manual')  # 12 train, 6 validation JPEGs
-  return str(root)
-
-
-def test_augmented_imagenet_resumes_exactly_after_sigterm(tmp_path, imagenet_dir):
-  """ImageNet's host crop and the device's jitter, lighting and flip replay exactly after a
-  resume mid-epoch (a tiny DenseNet at 224x224: 3 steps of 4 images an epoch)."""
-  args = ['--config=configs/imagenet_densenet121.py', '--config.model.block_sizes=(1,1)',
-          '--config.model.growth_rate=4', '--config.batch_size=4', '--config.eval_batch_size=6',
-          '--config.log_every_steps=1', '--config.num_epochs=2', '--config.lr_decay_epochs=(1,)',
-          f'--config.data_dir={imagenet_dir}']
-  assert_stopped_mid_epoch_resumes_exactly(tmp_path, args, signal.SIGTERM, signal_at=4,
-                                           steps_per_epoch=3)
+@pytest.mark.slow
+def test_a_longer_schedule_continues_from_the_checkpoint(tmp_path, digits_run):
+  data_dir, workdir, _ = digits_run
+  shutil.copytree(workdir, tmp_path / 'run')
+  log = helpers.run_main([*DIGITS, f'--workdir={tmp_path / "run"}', '--config.num_epochs=4'], 2,
+                         data_dir)
+  assert f'Resumed from step {3 * DIGITS_STEPS_PER_EPOCH}' in log
+  results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+  assert [h['step'] for h in results['history']] == [22, 44, 66, 88]
 
 
 # ---------------------------------------------------------------------------------------------
-# Your own images.
+# Your own images, in two processes of one run.
+
+FOLDER_STOP_AT = 30  # mid-epoch 2 of 22 steps: process 1 gets SIGTERM after this step
+
 
 @pytest.fixture(scope='module')
-def folder_run(tmp_path_factory):
+def folder_pair(tmp_path_factory):
+  """The digits as class folders (359 test images: the two processes' eval shards differ in
+  size) trained by two processes of 2 devices each, stopped by a SIGTERM to process 1 and
+  started again: (root, counts, workdir, the first pair's logs, the second's, the four exit
+  statuses)."""
   root = tmp_path_factory.mktemp('own')
   counts = tiny_tfds.digits_folder(root / 'digits')
+  first_test_file = sorted((root / 'digits' / 'test' / '0').iterdir())[0]
+  first_test_file.unlink()
+  counts['test'] -= 1
   workdir = root / 'run'
-  log = helpers.run_main(
-      ['--config=configs/digits.py', f'--config.dataset=folder:{root / "digits"}',
-       '--config.num_epochs=2', '--config.lr_decay_epochs=(1.5,)', f'--workdir={workdir}'],
-      num_devices=2, data_dir=str(root / 'tfds'))
-  return root, counts, workdir, log
+  args = ['--config=configs/digits.py', f'--config.dataset=folder:{root / "digits"}',
+          '--config.num_epochs=2', '--config.lr_decay_epochs=(1.5,)', '--config.log_every_steps=1']
+  stopped = helpers.run_pair(workdir, str(root / 'tfds'), args,
+                             sigterm_process_1_at=FOLDER_STOP_AT)
+  resumed = helpers.run_pair(workdir, str(root / 'tfds'), args)
+  return root, counts, workdir, [log for _, log in stopped], [log for _, log in resumed], [
+      status for status, _ in stopped + resumed]
 
 
-def test_bad_files_are_named_skipped_and_counted(folder_run):
-  _, counts, _, log = folder_run
+@pytest.mark.slow
+def test_two_processes_prepare_once_stop_together_and_resume(folder_pair):
+  _, counts, _, stopped, resumed, statuses = folder_pair
+  assert statuses == [128 + signal.SIGTERM] * 2 + [0, 0], [log[-3000:] for log in stopped + resumed]
+  # Process 0 prepares the folder (naming and skipping its bad files) while process 1 waits.
   for name in ('notes.png', 'cut.png', 'empty.jpg'):
-    assert f'{name}: does not decode as an image' in log
-  assert f'train: skipped 3 of {counts["train"] + 3} files' in log
+    assert f'{name}: does not decode as an image' in stopped[0]
+  assert f'train: skipped 3 of {counts["train"] + 3} files' in stopped[0]
+  assert 'prepared to' not in stopped[1] and 'skipped' not in stopped[1]
+  # JAX's preemption service stops both at one step, with a checkpoint; both resume from it.
+  steps = {stopped_step(log, 'SIGTERM') for log in stopped}
+  assert len(steps) == 1 and FOLDER_STOP_AT <= steps.pop() < 2 * DIGITS_STEPS_PER_EPOCH
+  checksums = [re.search(r'Resumed from step \d+ .*\(sum of \|params\| (\S+)\)', log)
+               for log in resumed]
+  assert checksums[0] and checksums[1] and checksums[0][1] == checksums[1][1]
+  for log in stopped + resumed:  # evaluation ends on both, with every test image once
+    assert f'eval test ({counts["test"]} images)' in log
 
 
-def test_trains_like_digits_and_reports_classes(folder_run):
-  _, counts, workdir, _ = folder_run
+@pytest.mark.slow
+def test_trains_like_digits_and_reports_classes(folder_pair):
+  _, counts, workdir, _, _, _ = folder_pair
   results = json.loads((workdir / 'results.json').read_text())
+  assert results['final']['step'] == 2 * DIGITS_STEPS_PER_EPOCH
   test = results['final']['eval']['test']
   assert test['count'] == counts['test'] and 'validation' not in results['final']['eval']
   # Two epochs (the full 30-epoch run's figure is in docs/performance.md): errors measured
@@ -332,8 +257,9 @@ def test_trains_like_digits_and_reports_classes(folder_run):
       per_class['class_names']
 
 
-def test_evaluate_prints_per_class_recall_and_the_confusion_matrix(folder_run):
-  root, _, workdir, _ = folder_run
+@pytest.mark.slow
+def test_evaluate_prints_per_class_recall_and_the_confusion_matrix(folder_pair):
+  root, _, workdir, _, _, _ = folder_pair
   log = helpers.run_main(['--config=configs/digits.py',
                           f'--config.dataset=folder:{root / "digits"}',
                           '--mode=evaluate', f'--workdir={workdir}'],
@@ -343,8 +269,9 @@ def test_evaluate_prints_per_class_recall_and_the_confusion_matrix(folder_run):
   assert len(rows) == 10 and all(len(r.split('|')[1].split()) == 10 for r in rows)
 
 
-def test_predict_after_the_data_moved_agrees_with_the_test_accuracy(folder_run, tmp_path):
-  root, counts, workdir, _ = folder_run
+@pytest.mark.slow
+def test_predict_after_the_data_moved_agrees_with_the_test_accuracy(folder_pair, tmp_path):
+  root, counts, workdir, _, _, _ = folder_pair
   moved = tmp_path / 'moved'
   shutil.copytree(root / 'digits' / 'test', moved / 'test')
   (moved / 'test' / 'junk.png').write_bytes(b'junk')
@@ -364,21 +291,3 @@ def test_predict_after_the_data_moved_agrees_with_the_test_accuracy(folder_run, 
   results = json.loads((workdir / 'results.json').read_text())
   best = results['best']['eval']['test']  # --mode=predict reads the best checkpoint
   assert correct == round((1 - best['top1_error']) * counts['test'])
-
-
-def test_two_processes_prepare_once_and_train_on_a_folder(tmp_path):
-  """Process 0 prepares the folder while process 1 waits; both then read their shards."""
-  counts = tiny_tfds.digits_folder(tmp_path / 'digits')
-  workdir = tmp_path / 'run'
-  (status0, log0), (status1, log1) = helpers.run_pair(
-      workdir, str(tmp_path / 'tfds'), [
-          '--config=configs/digits.py', f'--config.dataset=folder:{tmp_path / "digits"}',
-          '--config.model.depth=10', '--config.model.growth_rate=4', '--config.image_size=8',
-          '--config.folder.translate_pixels=1', '--config.num_epochs=1',
-          '--config.lr_decay_epochs=(0.5,)'])
-  assert status0 == status1 == 0, (log0[-3000:], log1[-3000:])
-  assert 'prepared to' in log0 and 'prepared to' not in log1
-  assert 'skipped 3 of' in log0 and 'skipped' not in log1
-  results = json.loads((workdir / 'results.json').read_text())
-  assert results['final']['eval']['test']['count'] == counts['test']
-  assert results['final']['step'] == counts['train'] // 64

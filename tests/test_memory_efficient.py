@@ -127,7 +127,7 @@ def test_saved_activations_grow_linearly_only_in_memory_efficient_mode():
   assert saved[True][-1] < 0.4 * saved[False][-1]  # measured 0.31 (plain keeps ReLU outputs)
 
 
-def test_compiled_train_step_keeps_the_saving():
+def test_compiled_train_step_keeps_the_saving(xla_optimized):
   """The backend's compiled step (XLA temporaries, with steps.compiler_options) shrinks too:
   without the options XLA:CPU merges the recomputation back and both modes need about the same."""
   tx, step = optimizer_and_train_step()

@@ -22,13 +22,12 @@ def test_notebook_runs_with_small_settings(path, tmp_path, monkeypatch):
   code = [cell for cell in notebook.cells if cell.cell_type == 'code']
   assert all(not cell.outputs and cell.execution_count is None for cell in code), (
       'commit notebooks without outputs')
-  # The kernel and its subprocesses inherit the environment: small settings, fresh runs and
-  # data, one CPU device, and no XLA optimizations (tiny models then compile several times faster).
+  # The kernel and its subprocesses inherit the environment (conftest.py's too): small settings,
+  # fresh runs and data, one CPU device.
   monkeypatch.setenv('DENSENET_JAX_SMALL', '1')
   monkeypatch.setenv('DENSENET_JAX_RUNS', str(tmp_path / 'runs'))
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
   monkeypatch.setenv('JAX_NUM_CPU_DEVICES', '1')
-  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                                    resources={'metadata': {'path': os.path.dirname(path)}})
   client.execute()  # raises CellExecutionError, with the cell and its traceback, on any error

@@ -142,8 +142,7 @@ def test_figure4_rows_name_twelve_networks_and_the_paper_only_where_it_has_them(
 
 
 def run_sweep(args, data_dir):
-  # One device, and tiny models compile in a fraction of the time without XLA's optimizations.
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
   proc = subprocess.run([sys.executable, 'experiments/sweep.py', f'--config={DIGITS}', *args,
                          f'--sweep=model.depth=7,10 x {TINY} x data_dir={data_dir}'],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -198,7 +197,7 @@ def test_sweep_over_a_folder_of_images_trains_collects_and_plots(tmp_path):
   folder = tmp_path / 'digits'
   counts = tiny_tfds.digits_folder(folder)
   root = tmp_path / 'sweep'
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
   proc = subprocess.run(
       [sys.executable, 'experiments/sweep.py', f'--config={DIGITS}', f'--root={root}',
        f'--sweep=dataset=folder:{folder} x data_dir={tmp_path / "tfds"} x model.depth=10 x '
