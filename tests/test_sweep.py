@@ -1,4 +1,5 @@
-"""experiments/sweep.py: spec parsing, checks before any run, and a real resumable digits sweep."""
+"""experiments/sweep.py: spec parsing, checks before any run, and a real resumable sweep over a
+folder of images."""
 
 import csv
 import json
@@ -15,8 +16,6 @@ from experiments import sweep, tiny_tfds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = 'configs/digits.py'
-TINY = ('model.growth_rate=4 x model.bottleneck=False x model.compression=1.0 x image_size=8 x '
-        'num_epochs=1 x lr_decay_epochs=(0.5,0.75) x log_every_steps=11')
 
 
 def test_spec_zips_with_plus_and_multiplies_with_x():
@@ -141,40 +140,50 @@ def test_figure4_rows_name_twelve_networks_and_the_paper_only_where_it_has_them(
                      for name in ('densenet40_k12', 'densenet100_k12', 'densenet_bc100_k12')}
 
 
-def run_sweep(args, data_dir):
+def run_sweep(args):
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
-  proc = subprocess.run([sys.executable, 'experiments/sweep.py', f'--config={DIGITS}', *args,
-                         f'--sweep=model.depth=7,10 x {TINY} x data_dir={data_dir}'],
+  proc = subprocess.run([sys.executable, 'experiments/sweep.py', f'--config={DIGITS}', *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-5000:]
   return proc.stdout
 
 
-def test_digits_sweep_runs_resumes_and_collects(tmp_path):
-  root, data_dir = tmp_path / 'sweep', tmp_path / 'tfds'
-  printed = run_sweep([f'--root={root}', '--print'], data_dir).splitlines()
+@pytest.mark.slow
+def test_sweep_over_a_folder_of_images_runs_collects_plots_and_resumes(tmp_path):
+  """The sweep a user runs on their own images (a folder dataset, its options from the config;
+  a zipped and a multiplied axis): --print lists the commands and runs nothing; both points
+  train, and collecting (multiply-adds from the opened folder) writes results.csv, results.md
+  and the plots; run again, a finished point is skipped and one without results.json resumes
+  from its complete checkpoint."""
+  folder = tmp_path / 'digits'
+  counts = tiny_tfds.digits_folder(folder)
+  root = tmp_path / 'sweep'
+  args = [f'--root={root}',
+          f'--sweep=dataset=folder:{folder} x data_dir={tmp_path / "tfds"} x model.depth=10 x '
+          'image_size=8 x log_every_steps=11', '--sweep=num_epochs=1 + lr_decay_epochs=(0.5,0.75)',
+          '--sweep=model.growth_rate=6,12']
+  printed = run_sweep([*args, '--print']).splitlines()
+  names = ['model.growth_rate=6', 'model.growth_rate=12']
   assert len(printed) == 2 and not root.exists()
-  assert shlex.split(printed[1])[3:5] == [f'--workdir={root}/model.depth=10',
-                                          '--config.model.depth=10']
+  assert shlex.split(printed[1])[3:4] == [f'--workdir={root}/{names[1]}']
 
-  log = run_sweep([f'--root={root}'], data_dir)
-  assert '2 of 2 points finished.' in log
-  names = ['model.depth=7', 'model.depth=10']
-  results = [json.load(open(root / n / 'results.json')) for n in names]
+  assert '2 of 2 points finished.' in run_sweep(args)
   with open(root / 'results.csv') as f:
     rows = list(csv.DictReader(f))
   assert [r['point'] for r in rows] == names
+  assert [r['model'] for r in rows] == ['densenet_bc10_k6', 'densenet_bc10_k12']
+  results = [json.load(open(root / n / 'results.json')) for n in names]
   for row, result in zip(rows, results):
+    assert row['dataset'] == f'folder:{folder}' and row['variant'] == 'DenseNet-BC'
+    assert result['final']['eval']['test']['count'] == counts['test']
     assert int(row['num_params']) == result['num_params']
     assert float(row['error_pct']) == pytest.approx(
         100 * result['final']['eval']['test']['top1_error'])
-    assert row['variant'] == 'DenseNet' and row['dataset'] == 'digits'
     assert row['model'] == result['architecture']['name'] and row['paper_error_pct'] == ''
-  assert [r['model'] for r in rows] == ['densenet7_k4', 'densenet10_k4']
   assert int(rows[0]['num_params']) < int(rows[1]['num_params'])
   assert 0 < float(rows[0]['gmacs']) < float(rows[1]['gmacs'])
   table = (root / 'results.md').read_text().splitlines()
-  assert len(table) == 4 and table[2].startswith('| model.depth=7 | DenseNet | digits |')
+  assert len(table) == 4 and table[2].startswith(f'| {names[0]} | DenseNet-BC | folder:')
   for png in ('error_vs_params.png', 'error_vs_flops.png'):
     assert (root / png).stat().st_size > 10_000
 
@@ -182,40 +191,9 @@ def test_digits_sweep_runs_resumes_and_collects(tmp_path):
   # checkpoint is complete, so main.py only resumes and rewrites results.json).
   first_mtime = os.path.getmtime(root / names[0] / 'results.json')
   os.remove(root / names[1] / 'results.json')
-  log = run_sweep([f'--root={root}'], data_dir)
+  log = run_sweep(args)
   assert f'[1/2] {names[0]}: done, skipped' in log
   assert f'[2/2] {names[1]}: ' in log and '2 of 2 points finished.' in log
   assert os.path.getmtime(root / names[0] / 'results.json') == first_mtime
   resumed = json.load(open(root / names[1] / 'results.json'))
   assert resumed['final'] == results[1]['final']
-
-
-def test_sweep_over_a_folder_of_images_trains_collects_and_plots(tmp_path):
-  """The sweep a user runs on their own images (a folder dataset, its options from the config):
-  both points train, and collecting (multiply-adds from the opened folder) writes results.csv,
-  results.md and the plots."""
-  folder = tmp_path / 'digits'
-  counts = tiny_tfds.digits_folder(folder)
-  root = tmp_path / 'sweep'
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
-  proc = subprocess.run(
-      [sys.executable, 'experiments/sweep.py', f'--config={DIGITS}', f'--root={root}',
-       f'--sweep=dataset=folder:{folder} x data_dir={tmp_path / "tfds"} x model.depth=10 x '
-       'image_size=8 x log_every_steps=11', '--sweep=num_epochs=2 + lr_decay_epochs=(1,1.5)',
-       '--sweep=model.growth_rate=6,12'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  assert '2 of 2 points finished.' in proc.stdout
-  with open(root / 'results.csv') as f:
-    rows = list(csv.DictReader(f))
-  assert [r['model'] for r in rows] == ['densenet_bc10_k6', 'densenet_bc10_k12']
-  for row in rows:
-    assert row['dataset'] == f'folder:{folder}'
-    result = json.load(open(root / row['point'] / 'results.json'))
-    assert result['final']['eval']['test']['count'] == counts['test']
-    assert float(row['error_pct']) == pytest.approx(
-        100 * result['final']['eval']['test']['top1_error'])
-  assert 0 < float(rows[0]['gmacs']) < float(rows[1]['gmacs'])
-  assert len((root / 'results.md').read_text().splitlines()) == 4
-  for png in ('error_vs_params.png', 'error_vs_flops.png'):
-    assert (root / png).stat().st_size > 10_000
