@@ -76,13 +76,18 @@ class TrainState(train_state.TrainState):
 
 def create_train_state(model: nn.Module, rng: jax.Array, image_shape: Sequence[int],
                        tx: optax.GradientTransformation) -> TrainState:
-  """Initializes variables on a dummy batch of shape (1, *image_shape) (jitted: one compile).
+  """Initializes variables on a dummy batch of shape (1, *image_shape) and the optimizer state
+  (each jitted: one compile).
 
   rng: a typed key (jax.random.key); the state's dropout_rng is one too.
   """
   variables, dropout_rng = inference.init_variables(model, rng, image_shape)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables['batch_stats'], tx=tx, dropout_rng=dropout_rng)
+  # Jitted: optax's init builds a zero array per parameter, which eagerly is one compile per
+  # distinct shape (67 for DenseNet-121, 2.6 s in all on a 2-core CPU).
+  opt_state = jax.jit(tx.init)(variables['params'])
+  return TrainState(step=0, apply_fn=model.apply, params=variables['params'], tx=tx,
+                    opt_state=opt_state, batch_stats=variables['batch_stats'],
+                    dropout_rng=dropout_rng)
 
 
 def train_step(state: TrainState, batch: dict, *, learning_rate_fn: Callable,

@@ -3,9 +3,11 @@ scikit-learn's two sample photos as two classes) with configs/finetune.py, start
 published Keras DenseNet-121 weights (random, made by the test) served through the download
 path from 127.0.0.1."""
 
+import functools
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,9 +59,10 @@ def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch):
   preprocess = data.eval_preprocessor()
   images = np.stack([preprocess(open(f, 'rb').read()).numpy() for f in predictions.files])
   state = run_setup.inference_state(run, workdir, data.info)
-  sums = inference.eval_step(state, {'image': images, 'label': predictions.top_classes[:, 0],
-                                     'mask': np.ones(4, np.float32)}, axis_name=None,
-                             transform=data.device_transform(train=False))
+  eval_step = jax.jit(functools.partial(inference.eval_step, axis_name=None,
+                                        transform=data.device_transform(train=False)))
+  sums = eval_step(state, {'image': images, 'label': predictions.top_classes[:, 0],
+                           'mask': np.ones(4, np.float32)})
   assert float(sums['count']) == 4 and float(sums['top1_error']) == 0
   assert json.loads((tmp_path / 'run' / 'results.json').read_text())['final_per_class']
 

@@ -1,6 +1,7 @@
 """The DenseNet modules: exact parameter counts, multiply-adds, structure, init and modes."""
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -34,6 +35,17 @@ def tiny(**overrides):
   spec = dict(block_sizes=(2, 2, 2), growth_rate=4, num_classes=5)
   spec.update(overrides)
   return models.DenseNet(**spec)
+
+
+def init(model, rng, x):
+  """model.init, jitted: one compile instead of one per operation (most of an eager call's time)."""
+  return jax.jit(model.init)(rng, x)
+
+
+def apply(model, variables, x, **kwargs):
+  """model.apply(variables, x, **kwargs), jitted (rngs: traced; other keywords: fixed)."""
+  rngs = kwargs.pop('rngs', None)
+  return jax.jit(functools.partial(model.apply, **kwargs))(variables, x, rngs=rngs)
 
 
 def test_the_table_names_all_eleven():
@@ -137,16 +149,16 @@ def test_basic_cifar_network_has_16_channel_stem_and_no_bottleneck():
 
 def test_output_shapes_and_spatial_sizes_of_both_stems():
   cifar = tiny()
-  v = cifar.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
-  logits, inter = cifar.apply(v, jnp.zeros((2, 32, 32, 3)), capture_intermediates=True)
+  v = init(cifar, jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
+  logits, inter = apply(cifar, v, jnp.zeros((2, 32, 32, 3)), capture_intermediates=True)
   assert logits.shape == (2, 5) and logits.dtype == jnp.float32
   sizes = [inter['intermediates'][f'transition{i}']['__call__'][0].shape[1] for i in (1, 2)]
   assert sizes == [16, 8]
 
   imagenet = tiny(stem='imagenet', block_sizes=(1, 1, 1, 1), bottleneck=True, compression=0.5)
   x = jnp.zeros((1, 224, 224, 3))
-  v = imagenet.init(jax.random.key(0), x)
-  _, inter = imagenet.apply(v, x, capture_intermediates=True)
+  v = init(imagenet, jax.random.key(0), x)
+  _, inter = apply(imagenet, v, x, capture_intermediates=True)
   # Torch-style paddings: 224 -> 112 (7x7/2, pad 3) -> 56 (max pool 3x3/2, pad 1) -> 28, 14, 7.
   assert inter['intermediates']['stem_conv']['__call__'][0].shape[1:3] == (112, 112)
   sizes = [inter['intermediates'][f'transition{i}']['__call__'][0].shape[1] for i in (1, 2, 3)]
@@ -156,8 +168,8 @@ def test_output_shapes_and_spatial_sizes_of_both_stems():
 def test_stem_uses_symmetric_torch_padding_not_same():
   model = tiny(stem='imagenet', block_sizes=(1,), bottleneck=True)
   x = jax.random.normal(jax.random.key(1), (1, 16, 16, 3))
-  v = model.init(jax.random.key(0), x)
-  _, inter = model.apply(v, x, capture_intermediates=True)
+  v = init(model, jax.random.key(0), x)
+  _, inter = apply(model, v, x, capture_intermediates=True)
   kernel = v['params']['stem_conv']['kernel']
   expected = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((3, 3), (3, 3)),
                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -167,7 +179,7 @@ def test_stem_uses_symmetric_torch_padding_not_same():
 
 def test_initialization_follows_the_original_code():
   model = tiny(block_sizes=(1,), growth_rate=64, stem_features=64)
-  v = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  v = init(model, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   kernel = np.asarray(v['params']['block1']['layer1']['composite']['conv']['kernel'])
   # He fan-out: std = sqrt(2 / (3 * 3 * 64)), untruncated (values beyond 2 std exist).
   std = math.sqrt(2 / (9 * 64))
@@ -185,27 +197,27 @@ def test_initialization_follows_the_original_code():
 def test_train_flag_switches_batchnorm_statistics_and_dropout():
   model = tiny(dropout_rate=0.2)
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3)) * 3 + 1
-  v = model.init(jax.random.key(1), x)
-  out1, upd = model.apply(v, x, train=True, mutable=['batch_stats'],
-                          rngs={'dropout': jax.random.key(2)})
-  out2, _ = model.apply(v, x, train=True, mutable=['batch_stats'],
-                        rngs={'dropout': jax.random.key(3)})
+  v = init(model, jax.random.key(1), x)
+  out1, upd = apply(model, v, x, train=True, mutable=['batch_stats'],
+                    rngs={'dropout': jax.random.key(2)})
+  out2, _ = apply(model, v, x, train=True, mutable=['batch_stats'],
+                  rngs={'dropout': jax.random.key(3)})
   assert not np.allclose(out1, out2)  # dropout is on in training
   new_mean = upd['batch_stats']['block1']['layer1']['composite']['norm']['mean']
   assert not np.allclose(new_mean, 0.0)  # training updates the running statistics
-  np.testing.assert_array_equal(model.apply(v, x), model.apply(v, x))  # eval: deterministic
-  eval1 = model.apply(v, x)
-  eval2 = model.apply(v, x[:1])
+  np.testing.assert_array_equal(apply(model, v, x), apply(model, v, x))  # eval: deterministic
+  eval1 = apply(model, v, x)
+  eval2 = apply(model, v, x[:1])
   np.testing.assert_allclose(eval1[:1], eval2, rtol=1e-5, atol=1e-6)  # running stats: per-example
 
 
 def test_batchnorm_momentum_and_epsilon_are_torchs():
   model = tiny(block_sizes=(1,), stem_features=3)
   x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 2 + 0.5
-  v = model.init(jax.random.key(1), x)
-  _, inter = model.apply(v, x, capture_intermediates=True, mutable=['intermediates'])
+  v = init(model, jax.random.key(1), x)
+  _, inter = apply(model, v, x, capture_intermediates=True, mutable=['intermediates'])
   stem = inter['intermediates']['stem_conv']['__call__'][0]
-  _, upd = model.apply(v, x, train=True, mutable=['batch_stats'])
+  _, upd = apply(model, v, x, train=True, mutable=['batch_stats'])
   stats = upd['batch_stats']['block1']['layer1']['composite']['norm']
   np.testing.assert_allclose(stats['mean'], 0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
   # Torch stores the unbiased batch variance; Flax the biased one (a factor n/(n-1) = 128/127).
@@ -220,12 +232,12 @@ def test_batchnorm_momentum_and_epsilon_are_torchs():
 def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
   model = tiny(dtype='bfloat16')
   x = jnp.ones((2, 16, 16, 3))
-  v = model.init(jax.random.key(0), x)
+  v = init(model, jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v))
-  logits, upd = model.apply(v, x, train=True, mutable=['batch_stats'])
+  logits, upd = apply(model, v, x, train=True, mutable=['batch_stats'])
   assert logits.dtype == jnp.float32
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(upd))
-  _, inter = model.apply(v, x, capture_intermediates=True)
+  _, inter = apply(model, v, x, capture_intermediates=True)
   assert inter['intermediates']['stem_conv']['__call__'][0].dtype == jnp.bfloat16
 
 
@@ -233,15 +245,15 @@ def test_float64_reference_computes_and_keeps_everything_in_float64():
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   with pytest.raises(ValueError, match="dtype='float64' needs jax_enable_x64"):
     tiny(dtype='float64')
-  variables = tiny().init(jax.random.key(0), x)
-  logits32, stats32 = tiny().apply(variables, x, train=True, mutable=['batch_stats'])
+  variables = init(tiny(), jax.random.key(0), x)
+  logits32, stats32 = apply(tiny(), variables, x, train=True, mutable=['batch_stats'])
   with jax.enable_x64(True):
     model = tiny(dtype='float64')
     assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(
-        model.init(jax.random.key(0), x)))
+        jax.eval_shape(model.init, jax.random.key(0), x)))
     variables64 = jax.tree.map(lambda v: np.asarray(v, np.float64), variables)
-    logits64, stats64 = model.apply(variables64, np.asarray(x, np.float64), train=True,
-                                    mutable=['batch_stats'])
+    logits64, stats64 = apply(model, variables64, np.asarray(x, np.float64), train=True,
+                              mutable=['batch_stats'])
     logits64, stats64 = jax.tree.map(np.asarray, (logits64, stats64))
   assert logits64.dtype == np.float64
   assert all(v.dtype == np.float64 for v in jax.tree.leaves(stats64))
@@ -258,15 +270,16 @@ def test_batchnorm_axis_name_averages_statistics_across_devices():
   model = tiny(axis_name='batch')
   x = jax.random.normal(jax.random.key(0), (n, 2, 8, 8, 3))
   x = x.at[1].add(5.0)  # the two devices see different data
-  v = tiny().init(jax.random.key(1), x[0])
+  v = init(tiny(), jax.random.key(1), x[0])
 
+  @functools.partial(jax.jit, static_argnums=1)
   def stats(x, axis_name):
     m = tiny(axis_name=axis_name)
     _, upd = m.apply(v, x, train=True, mutable=['batch_stats'])
     return upd['batch_stats']['head_norm']['mean']
 
-  synced = jax.vmap(lambda x: stats(x, 'batch'), axis_name='batch')(x)
-  local = jax.vmap(lambda x: stats(x, None))(x)
+  synced = jax.jit(jax.vmap(lambda x: stats(x, 'batch'), axis_name='batch'))(x)
+  local = jax.jit(jax.vmap(lambda x: stats(x, None)))(x)
   whole = stats(x.reshape(-1, 8, 8, 3), None)
   np.testing.assert_allclose(synced[0], synced[1], rtol=1e-5)
   np.testing.assert_allclose(synced[0], whole, rtol=1e-4, atol=1e-6)
