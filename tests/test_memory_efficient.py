@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from densenet_jax import costs, models, steps
+import helpers
 
 TINY = dict(block_sizes=(2, 3), growth_rate=4, bottleneck=True, compression=0.5, stem_features=6,
             dropout_rate=0.2, num_classes=5)
@@ -39,15 +40,15 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize('bottleneck', [False, True])
 def test_same_variables(bottleneck):
-  plain = tiny(False, bottleneck=bottleneck).init(jax.random.key(0), images())
-  lean = tiny(True, bottleneck=bottleneck).init(jax.random.key(0), images())
+  plain = helpers.init(tiny(False, bottleneck=bottleneck), jax.random.key(0), images())
+  lean = helpers.init(tiny(True, bottleneck=bottleneck), jax.random.key(0), images())
   assert jax.tree.map(jnp.shape, plain) == jax.tree.map(jnp.shape, lean)
   assert_trees_close(plain, lean, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('bottleneck', [False, True])
 def test_same_outputs_gradients_and_statistics(bottleneck):
-  variables = tiny(False, bottleneck=bottleneck).init(jax.random.key(0), images())
+  variables = helpers.init(tiny(False, bottleneck=bottleneck), jax.random.key(0), images())
   x = images()
 
   @functools.partial(jax.jit, static_argnums=0)
@@ -145,7 +146,7 @@ def test_saved_activation_bytes_agree_with_jax():
   """The helper counts what jax.ad_checkpoint.print_saved_residuals lists (less arguments)."""
   model = tiny(True)
   x, rng = images(), jax.random.key(0)
-  variables = model.init(rng, x)
+  variables = helpers.init(model, rng, x)
 
   def forward(params):
     return model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
@@ -168,7 +169,7 @@ def test_saved_activation_bytes_agree_with_jax():
 def test_backward_pass_does_not_recompute_batch_statistics(implementation):
   """With cross-device BN, recomputing statistics would repeat an all-reduce per unit."""
   x = images()[None]
-  variables = tiny(False).init(jax.random.key(0), x[0])
+  variables = helpers.init(tiny(False), jax.random.key(0), x[0])
   counts = {}
   for memory_efficient in (False, True):
     model = tiny(memory_efficient, axis_name='batch', implementation=implementation)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from densenet_jax import architectures, costs, models
+import helpers
 
 # Trainable parameters, 10 classes (CIFAR) / 1000 classes (ImageNet): the paper's counts (exact
 # ones: torchvision's and the authors' code's, docs/reference.md).
@@ -35,11 +36,6 @@ def tiny(**overrides):
   spec = dict(block_sizes=(2, 2, 2), growth_rate=4, num_classes=5)
   spec.update(overrides)
   return models.DenseNet(**spec)
-
-
-def init(model, rng, x):
-  """model.init, jitted: one compile instead of one per operation (most of an eager call's time)."""
-  return jax.jit(model.init)(rng, x)
 
 
 def apply(model, variables, x, **kwargs):
@@ -149,7 +145,7 @@ def test_basic_cifar_network_has_16_channel_stem_and_no_bottleneck():
 
 def test_output_shapes_and_spatial_sizes_of_both_stems():
   cifar = tiny()
-  v = init(cifar, jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
+  v = helpers.init(cifar, jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
   logits, inter = apply(cifar, v, jnp.zeros((2, 32, 32, 3)), capture_intermediates=True)
   assert logits.shape == (2, 5) and logits.dtype == jnp.float32
   sizes = [inter['intermediates'][f'transition{i}']['__call__'][0].shape[1] for i in (1, 2)]
@@ -157,7 +153,7 @@ def test_output_shapes_and_spatial_sizes_of_both_stems():
 
   imagenet = tiny(stem='imagenet', block_sizes=(1, 1, 1, 1), bottleneck=True, compression=0.5)
   x = jnp.zeros((1, 224, 224, 3))
-  v = init(imagenet, jax.random.key(0), x)
+  v = helpers.init(imagenet, jax.random.key(0), x)
   _, inter = apply(imagenet, v, x, capture_intermediates=True)
   # Torch-style paddings: 224 -> 112 (7x7/2, pad 3) -> 56 (max pool 3x3/2, pad 1) -> 28, 14, 7.
   assert inter['intermediates']['stem_conv']['__call__'][0].shape[1:3] == (112, 112)
@@ -168,7 +164,7 @@ def test_output_shapes_and_spatial_sizes_of_both_stems():
 def test_stem_uses_symmetric_torch_padding_not_same():
   model = tiny(stem='imagenet', block_sizes=(1,), bottleneck=True)
   x = jax.random.normal(jax.random.key(1), (1, 16, 16, 3))
-  v = init(model, jax.random.key(0), x)
+  v = helpers.init(model, jax.random.key(0), x)
   _, inter = apply(model, v, x, capture_intermediates=True)
   kernel = v['params']['stem_conv']['kernel']
   expected = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((3, 3), (3, 3)),
@@ -179,7 +175,7 @@ def test_stem_uses_symmetric_torch_padding_not_same():
 
 def test_initialization_follows_the_original_code():
   model = tiny(block_sizes=(1,), growth_rate=64, stem_features=64)
-  v = init(model, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  v = helpers.init(model, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   kernel = np.asarray(v['params']['block1']['layer1']['composite']['conv']['kernel'])
   # He fan-out: std = sqrt(2 / (3 * 3 * 64)), untruncated (values beyond 2 std exist).
   std = math.sqrt(2 / (9 * 64))
@@ -197,7 +193,7 @@ def test_initialization_follows_the_original_code():
 def test_train_flag_switches_batchnorm_statistics_and_dropout():
   model = tiny(dropout_rate=0.2)
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3)) * 3 + 1
-  v = init(model, jax.random.key(1), x)
+  v = helpers.init(model, jax.random.key(1), x)
   out1, upd = apply(model, v, x, train=True, mutable=['batch_stats'],
                     rngs={'dropout': jax.random.key(2)})
   out2, _ = apply(model, v, x, train=True, mutable=['batch_stats'],
@@ -214,7 +210,7 @@ def test_train_flag_switches_batchnorm_statistics_and_dropout():
 def test_batchnorm_momentum_and_epsilon_are_torchs():
   model = tiny(block_sizes=(1,), stem_features=3)
   x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 2 + 0.5
-  v = init(model, jax.random.key(1), x)
+  v = helpers.init(model, jax.random.key(1), x)
   _, inter = apply(model, v, x, capture_intermediates=True, mutable=['intermediates'])
   stem = inter['intermediates']['stem_conv']['__call__'][0]
   _, upd = apply(model, v, x, train=True, mutable=['batch_stats'])
@@ -232,7 +228,7 @@ def test_batchnorm_momentum_and_epsilon_are_torchs():
 def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
   model = tiny(dtype='bfloat16')
   x = jnp.ones((2, 16, 16, 3))
-  v = init(model, jax.random.key(0), x)
+  v = helpers.init(model, jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v))
   logits, upd = apply(model, v, x, train=True, mutable=['batch_stats'])
   assert logits.dtype == jnp.float32
@@ -245,7 +241,7 @@ def test_float64_reference_computes_and_keeps_everything_in_float64():
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   with pytest.raises(ValueError, match="dtype='float64' needs jax_enable_x64"):
     tiny(dtype='float64')
-  variables = init(tiny(), jax.random.key(0), x)
+  variables = helpers.init(tiny(), jax.random.key(0), x)
   logits32, stats32 = apply(tiny(), variables, x, train=True, mutable=['batch_stats'])
   with jax.enable_x64(True):
     model = tiny(dtype='float64')
@@ -270,7 +266,7 @@ def test_batchnorm_axis_name_averages_statistics_across_devices():
   model = tiny(axis_name='batch')
   x = jax.random.normal(jax.random.key(0), (n, 2, 8, 8, 3))
   x = x.at[1].add(5.0)  # the two devices see different data
-  v = init(tiny(), jax.random.key(1), x[0])
+  v = helpers.init(tiny(), jax.random.key(1), x[0])
 
   @functools.partial(jax.jit, static_argnums=1)
   def stats(x, axis_name):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from densenet_jax import costs, models, shared_block
+import helpers
 
 SIZE, BATCH, CLASSES = 8, 8, 5
 VARIANTS = {  # name: DenseNet fields (one with dropout: XLA:CPU compiles its draws slowly)
@@ -78,7 +79,7 @@ def errors_against_float64(variant, dtype, run, shared64=False):
   """
   with jax.enable_x64(True):
     x = images()
-    variables = tiny(variant, 'concat', False).init(jax.random.key(0), x)
+    variables = helpers.init(tiny(variant, 'concat', False), jax.random.key(0), x)
     truth = run(tiny(variant, 'concat', False, dtype='float64'), as64(variables),
                 np.asarray(x, np.float64))
     truth = as64(truth)
@@ -97,8 +98,8 @@ def errors_against_float64(variant, dtype, run, shared64=False):
 @pytest.mark.parametrize('memory_efficient', [False, True])
 def test_same_variables_as_the_module_implementation(variant, memory_efficient):
   x = images()
-  reference = tiny(variant, 'concat', False).init(jax.random.key(0), x)
-  shared = tiny(variant, 'shared', memory_efficient).init(jax.random.key(0), x)
+  reference = helpers.init(tiny(variant, 'concat', False), jax.random.key(0), x)
+  shared = helpers.init(tiny(variant, 'shared', memory_efficient), jax.random.key(0), x)
   assert jax.tree.structure(shared) == jax.tree.structure(reference)
   for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(reference)):
     assert a.dtype == b.dtype and a.shape == b.shape
@@ -154,7 +155,7 @@ def test_cross_replica_batch_norm_under_pmap():
 
 
 def train_step_jaxpr(model, x):
-  variables = model.init(jax.random.key(0), x)
+  variables = helpers.init(model, jax.random.key(0), x)
 
   def step(params):
     def loss(params):

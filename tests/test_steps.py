@@ -103,12 +103,12 @@ def test_train_step_with_class_weights_minimizes_the_weighted_mean_loss():
   images = np.random.default_rng(2).normal(size=(4, 8, 8, 3)).astype(np.float32)
   labels = np.array([0, 1, 2, 0], np.int32)
   weight = np.array([0.5, 2.0, 1.0, 0.5], np.float32)
-  logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                             train=True, mutable=['batch_stats'])
+  logits, _ = jax.jit(functools.partial(state.apply_fn, train=True, mutable=['batch_stats']))(
+      {'params': state.params, 'batch_stats': state.batch_stats}, images)
   losses = np.asarray(inference.cross_entropy(logits, labels))
-  _, metrics = steps.train_step(state, {'image': images, 'label': labels, 'weight': weight},
-                                learning_rate_fn=lambda step: 0.1, axis_name=None)
+  step = jax.jit(functools.partial(steps.train_step, learning_rate_fn=lambda step: 0.1,
+                                   axis_name=None))
+  _, metrics = step(state, {'image': images, 'label': labels, 'weight': weight})
   np.testing.assert_allclose(metrics['loss'], np.mean(weight * losses), rtol=1e-6)
-  _, plain = steps.train_step(state, {'image': images, 'label': labels},
-                              learning_rate_fn=lambda step: 0.1, axis_name=None)
+  _, plain = step(state, {'image': images, 'label': labels})
   np.testing.assert_allclose(plain['loss'], losses.mean(), rtol=1e-6)
