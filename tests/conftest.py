@@ -7,15 +7,17 @@ variables, set here in pytest's main process before it starts the xdist workers:
 the subprocesses that tests start inherit them. The cache is a directory this run creates (and
 removes at its end), so a run starts cold, as CI does, and every worker and subprocess compiles
 each program once. XLA compiles without most of its optimizations (JAX_DISABLE_MOST_OPTIMIZATIONS)
-and with XLA:CPU's older elementwise code generator instead of its fusion emitters
-(--xla_cpu_use_fusion_emitters=false): what a program computes is the same, it compiles several
-times faster (a tiny DenseNet's train step 3.1 s -> 0.9 s, a DenseNet-121-sized one 25 s -> 11 s;
-compiles are most of the suite's time) and runs slower (irrelevant at the tests' sizes). A test about what the
-optimizing compiler makes of a program (the memory of a compiled step) asks for it with the
-`xla_optimized` fixture.
+and, where XLA still has it (jaxlib 0.10), with XLA:CPU's older elementwise code generator
+instead of its fusion emitters (--xla_cpu_use_fusion_emitters=false): what a program computes
+is the same, it compiles several times faster (a tiny DenseNet's train step 3.1 s -> 0.9 s, a
+DenseNet-121-sized one 25 s -> 11 s; compiles are most of the suite's time) and runs slower
+(irrelevant at the tests' sizes). A test about what the optimizing compiler makes of a program
+(the memory of a compiled step) asks for it with the `xla_optimized` fixture.
 """
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
@@ -26,9 +28,22 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
-if '--xla_cpu_use_fusion_emitters' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_cpu_use_fusion_emitters=false').strip()
+
+
+def _xla_accepts(flag: str) -> bool:
+  """Whether this jaxlib's XLA knows `flag` (it aborts a process on an unknown XLA_FLAGS entry;
+  jaxlib 0.10 knows --xla_cpu_use_fusion_emitters, 0.12 no longer does)."""
+  env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {flag}',
+             JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env,
+                        capture_output=True, check=False).returncode == 0
+
+
+if 'DENSENET_JAX_TEST_XLA_FLAGS' not in os.environ:  # pytest's main process: probe once
+  _FAST_COMPILES = '--xla_cpu_use_fusion_emitters=false'
+  if _FAST_COMPILES not in os.environ.get('XLA_FLAGS', '') and _xla_accepts(_FAST_COMPILES):
+    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FAST_COMPILES}'.strip()
+  os.environ['DENSENET_JAX_TEST_XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '')
 
 import http.server  # pylint: disable=wrong-import-position
 import threading  # pylint: disable=wrong-import-position
