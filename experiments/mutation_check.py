@@ -5,12 +5,16 @@ copy of the repository and runs the suite on it; every planted bug must make it 
   python experiments/mutation_check.py --only nesterov  # bugs whose name contains 'nesterov'
   python experiments/mutation_check.py --tree DIR       # the bugs planted in another checkout
                                                         # (an older commit: before/after)
+  python experiments/mutation_check.py --pytest_args='-n 0' --first=tests/test_steps.py,...
+                                                        # one process, these files first
 
 Each bug is a text edit of the source (densenet_jax/ only, never tests/): an optimizer,
-architecture, data, training or prediction mistake that still runs. The suite runs with
-`-x` (it stops at the first failure) and fast tests first (tests/conftest.py orders them), so a
-caught bug usually costs seconds to a minute. An older checkout without that order can be given
-one: `--durations LOG` (what `pytest --durations=0` printed) runs its test files shortest first.
+architecture, data, training or prediction mistake that still runs. The suite runs with `-x`:
+it stops at the first failure, so a caught bug costs the tests that run before it. Which run
+first is only a matter of time (the whole suite fails either way): `--durations LOG` (what
+`pytest --durations=0` printed) runs the test files shortest first, `--first` names files to
+run before those. With xdist (`-n 2`) a worker finishes the file it holds after another fails,
+so `-n 0` (one process) stops sooner.
 Prints a markdown table: bug, caught or SURVIVED, the first failing test, seconds; exits 1 if
 any bug survived. (That the unchanged tree passes is what CI shows.)
 """
@@ -123,12 +127,16 @@ SHORTEST_FIRST = """
 import json, os
 import pytest
 SECONDS = json.load(open(os.environ['MUTATION_CHECK_DURATIONS']))
+FIRST = [f for f in os.environ.get('MUTATION_CHECK_FIRST', '').split(',') if f]
 @pytest.hookimpl(trylast=True)  # after the suite's own order (conftest.py)
 def pytest_collection_modifyitems(items):
   files = {}
   for item in items:
     files[item.path] = files.get(item.path, 0) + SECONDS.get(item.nodeid, 60)
-  items.sort(key=lambda item: files[item.path])  # each file's tests together, as they were
+  first = lambda item: next((i for i, f in enumerate(FIRST) if item.nodeid.startswith(f + '::')),
+                            len(FIRST))
+  # each file's tests together, as they were
+  items.sort(key=lambda item: (first(item), files[item.path]))
 """
 
 
@@ -143,16 +151,16 @@ def durations(log: str) -> dict:
 FAILED = re.compile(r'^(?:FAILED|ERROR) (\S+)', re.M)
 
 
-def run_suite(tree: str, pytest_args: list, order: str = None) -> tuple:
+def run_suite(tree: str, pytest_args: list, order: str = None, first: str = '') -> tuple:
   """(passed, first failing test or its output's end, seconds) of the suite in `tree`; `order`:
-  a JSON file of test durations to run them shortest first."""
+  a JSON file of test durations to run them shortest first, after the files `first` names."""
   start = time.time()
   env = dict(os.environ, PYTHONDONTWRITEBYTECODE='1')
   if order:
     with open(os.path.join(tree, '_shortest_first.py'), 'w') as f:
       f.write(SHORTEST_FIRST)
     pytest_args = ['-p', '_shortest_first', *pytest_args]
-    env.update(MUTATION_CHECK_DURATIONS=order, PYTHONPATH=tree)
+    env.update(MUTATION_CHECK_DURATIONS=order, MUTATION_CHECK_FIRST=first, PYTHONPATH=tree)
   proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider',
                          *pytest_args, 'tests'], cwd=tree, env=env, capture_output=True,
                         text=True)
@@ -166,12 +174,13 @@ def main():
   parser.add_argument('--only', default='', help='bugs whose name contains this')
   parser.add_argument('--pytest_args', default='-n 2', help='more pytest arguments')
   parser.add_argument('--durations', help="a `pytest --durations=0` log: shortest tests first")
+  parser.add_argument('--first', default='', help='test files to run first, comma-separated')
   args = parser.parse_args()
   order = None
-  if args.durations:
+  if args.durations or args.first:
     order = os.path.join(tempfile.mkdtemp(), 'durations.json')
     with open(order, 'w') as f:
-      json.dump(durations(args.durations), f)
+      json.dump(durations(args.durations) if args.durations else {}, f)
   bugs = [b for b in BUGS if args.only in b.name]
   if not bugs:
     raise SystemExit(f'--only={args.only!r}: no such bug; bugs: ' +
@@ -182,7 +191,7 @@ def main():
     with tempfile.TemporaryDirectory() as tree:
       copy_tree(args.tree, tree)
       bug.plant(tree)
-      passed, first, seconds = run_suite(tree, args.pytest_args.split(), order)
+      passed, first, seconds = run_suite(tree, args.pytest_args.split(), order, args.first)
     if passed:
       survived.append(bug.name)
     print(f'| {bug.name} | {bug.kind} | {"SURVIVED" if passed else "caught"} | '

@@ -19,6 +19,7 @@ from experiments import tiny_tfds
 import helpers
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
 def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch):
   photos = tiny_tfds.sample_photos()
@@ -67,6 +68,7 @@ def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch):
   assert json.loads((tmp_path / 'run' / 'results.json').read_text())['final_per_class']
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
 def test_predict_with_published_imagenet_weights_names_keras_top_classes(
     server, tmp_path, monkeypatch):

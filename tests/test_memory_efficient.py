@@ -85,6 +85,7 @@ def optimizer_and_train_step():
   return tx, step
 
 
+@pytest.mark.slow
 def test_train_step_updates_statistics_once():
   """One train step moves BN running statistics by one momentum step, in both modes alike."""
   tx, step = optimizer_and_train_step()
@@ -128,6 +129,7 @@ def test_saved_activations_grow_linearly_only_in_memory_efficient_mode():
   assert saved[True][-1] < 0.4 * saved[False][-1]  # measured 0.31 (plain keeps ReLU outputs)
 
 
+@pytest.mark.slow
 def test_compiled_train_step_keeps_the_saving(xla_optimized):
   """The backend's compiled step (XLA temporaries, with steps.compiler_options) shrinks too:
   without the options XLA:CPU merges the recomputation back and both modes need about the same."""

@@ -16,6 +16,7 @@ def test_the_three_notebooks_are_there():
       'feature_reuse.ipynb', 'parameter_efficiency.ipynb', 'quickstart.ipynb']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_with_small_settings(path, tmp_path, monkeypatch):
   notebook = nbformat.read(path, as_version=4)

@@ -95,6 +95,7 @@ def test_read_errors_are_one_line_user_errors(tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')  # Keras's model.save
+@pytest.mark.slow
 def test_imported_weights_with_other_classes_get_a_new_head(keras_file):
   path, _ = keras_file
   _, imported = convert.load_pretrained(path)
