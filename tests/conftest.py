@@ -14,6 +14,7 @@ DenseNet-121-sized one 25 s -> 11 s; compiles are most of the suite's time) and 
 (irrelevant at the tests' sizes). A test about what the optimizing compiler makes of a program
 (the memory of a compiled step) asks for it with the `xla_optimized` fixture.
 """
+import collections
 import os
 import shutil
 import subprocess
@@ -61,11 +62,12 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-  """Files with slow tests first: xdist hands the files out in this order (pyproject.toml:
-  --dist loadfile), and a long one started last would leave the other worker idle at the end.
-  Each file's tests stay together and in order, so that a module fixture is built once."""
-  slow_files = {item.path for item in items if item.get_closest_marker('slow')}
-  items.sort(key=lambda item: item.path not in slow_files)
+  """Files with the most slow tests first: xdist hands the files out in this order
+  (pyproject.toml: --dist loadfile), and a long one started last would leave the other worker
+  idle at the end. Each file's tests stay together and in order, so that a module fixture is
+  built once."""
+  slow_tests = collections.Counter(item.path for item in items if item.get_closest_marker('slow'))
+  items.sort(key=lambda item: -slow_tests[item.path])
 
 
 def pytest_unconfigure(config):
