@@ -34,7 +34,11 @@ def run(tmp_path_factory):
   tx = steps.sgd_nesterov(optax.constant_schedule(0.1), 0.9, 1e-4)
   state = steps.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
   rng = np.random.default_rng(0)
-  state = state.replace(step=np.int32(7), batch_stats=jax.tree.map(
+  # Random weights, the classifier's too (it starts at zero: every class would tie, and any
+  # ranking would pass), and random BN statistics.
+  state = state.replace(step=np.int32(7), params=jax.tree.map(
+      lambda x: rng.normal(scale=0.5, size=x.shape).astype(np.float32), state.params),
+                        batch_stats=jax.tree.map(
       lambda x: np.abs(rng.normal(size=x.shape)).astype(np.float32) + 0.5, state.batch_stats))
   workdir = root / 'run'
   ckpt = checkpoints.Checkpoints(str(workdir / 'checkpoints'))
@@ -83,6 +87,7 @@ print(json.dumps({{'loaded': loaded, 'files': predictions.files,
   assert out['files'] == [str(f) for f in files] and out['names'] == CLASS_NAMES
   assert [f for f, _ in out['unreadable']] == [str(images / 'broken.png')]
   order = np.argsort(-logits, axis=1, kind='stable')[:, :3]
+  assert len(np.unique(logits)) == logits.size  # no ties: the ranking is the only one
   np.testing.assert_array_equal(out['classes'], order)
   probabilities = np.exp(logits - logits.max(1, keepdims=True))
   probabilities /= probabilities.sum(1, keepdims=True)
