@@ -33,7 +33,7 @@ os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 def _xla_accepts(flag: str) -> bool:
   """Whether this jaxlib's XLA knows `flag` (it aborts a process on an unknown XLA_FLAGS entry;
-  jaxlib 0.10 knows --xla_cpu_use_fusion_emitters, 0.12 no longer does)."""
+  jaxlib 0.10 knows --xla_cpu_use_fusion_emitters, 0.11.2 and 0.12 no longer do)."""
   env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {flag}',
              JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env,
