@@ -185,10 +185,10 @@ def keras_densenet121_weights(directory):
   return path.read_bytes(), model
 
 
-
 def init(model, rng, x) -> dict:
   """model.init(rng, x), jitted: one compile, where an eager init compiles every operation."""
   return jax.jit(model.init)(rng, x)
+
 
 _TORCH_MODULES = {'stem_conv': 'features.conv0', 'stem_norm': 'features.norm0',
                   'head_norm': 'features.norm5', 'classifier': 'classifier'}

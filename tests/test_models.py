@@ -246,7 +246,7 @@ def test_float64_reference_computes_and_keeps_everything_in_float64():
   with jax.enable_x64(True):
     model = tiny(dtype='float64')
     assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(
-        jax.eval_shape(model.init, jax.random.key(0), x)))
+        helpers.init(model, jax.random.key(0), x)))
     variables64 = jax.tree.map(lambda v: np.asarray(v, np.float64), variables)
     logits64, stats64 = apply(model, variables64, np.asarray(x, np.float64), train=True,
                               mutable=['batch_stats'])

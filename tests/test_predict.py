@@ -36,10 +36,11 @@ def run(tmp_path_factory):
   rng = np.random.default_rng(0)
   # Random weights, the classifier's too (it starts at zero: every class would tie, and any
   # ranking would pass), and random BN statistics.
-  state = state.replace(step=np.int32(7), params=jax.tree.map(
-      lambda x: rng.normal(scale=0.5, size=x.shape).astype(np.float32), state.params),
-                        batch_stats=jax.tree.map(
-      lambda x: np.abs(rng.normal(size=x.shape)).astype(np.float32) + 0.5, state.batch_stats))
+  params = jax.tree.map(lambda x: rng.normal(scale=0.5, size=x.shape).astype(np.float32),
+                        state.params)
+  batch_stats = jax.tree.map(lambda x: np.abs(rng.normal(size=x.shape)).astype(np.float32) + 0.5,
+                             state.batch_stats)
+  state = state.replace(step=np.int32(7), params=params, batch_stats=batch_stats)
   workdir = root / 'run'
   ckpt = checkpoints.Checkpoints(str(workdir / 'checkpoints'))
   ckpt.save(jax.device_get(state),
