@@ -1,8 +1,9 @@
-"""Trains, evaluates or predicts with a DenseNet.
+"""Trains, evaluates, predicts with, embeds with or exports a DenseNet.
 
   python main.py --config=configs/digits.py
   python main.py --config=configs/cifar.py:densenet_bc100_k12,c10+ --workdir=runs/bc100
   python main.py --config=configs/imagenet_densenet121.py --workdir=DIR --mode=evaluate
+  python main.py --config=configs/digits.py --workdir=DIR --mode=export --export_dir=EXPORT
   python main.py --config=configs/cifar.py:densenet40_k12,c10+ --config.model.growth_rate=24
 
 Multi-process (several hosts, or one process per GPU): every process runs the same command;
@@ -29,13 +30,24 @@ FLAGS = flags.FLAGS
 config_loading.define_config_flag()
 flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs and results.json go here; '
                     'default: a new directory under runs/. An existing workdir is resumed.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'], 'Train (and evaluate); '
-                  'evaluate the best checkpoint of --workdir (or config.init_from); or predict '
-                  'the classes of --images with it.')
-flags.DEFINE_list('images', None, '--mode=predict: image files or folders (comma-separated).')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'embed', 'export'],
+                  'Train (and evaluate); evaluate the best checkpoint of --workdir (or '
+                  'config.init_from); predict the classes of --images with it; embed --images '
+                  '(pooled features); or export it to --export_dir.')
+flags.DEFINE_list('images', None, '--mode=predict/embed: image files or folders '
+                  '(comma-separated).')
 flags.DEFINE_integer('top_k', 5, '--mode=predict: classes reported per image.', lower_bound=1)
 flags.DEFINE_string('predictions_csv', None, '--mode=predict: the CSV written (default: '
                     'WORKDIR/predictions.csv with --workdir, else predictions.csv).')
+flags.DEFINE_string('embeddings', None, '--mode=embed: the .npy written, [files, features], '
+                    'with its rows\' files in the same name with .files.txt (default: '
+                    'WORKDIR/embeddings.npy with --workdir, else embeddings.npy).')
+flags.DEFINE_string('export_dir', None, '--mode=export: the directory written (model.jax, '
+                    'saved_model/, torchvision.pth, keras.weights.h5, classes.json).')
+flags.DEFINE_list('export_formats', None, '--mode=export: jax, saved_model, torchvision, keras '
+                  '(default: all the model can have).')
+flags.DEFINE_bool('overwrite', False, '--mode=export: replace an existing --export_dir (once '
+                  'the new export is complete).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with the settings '
                   'JAX detects (Cloud TPU pod, SLURM, Open MPI) even where main.py sees no '
                   'multi-process cluster in the environment.')
@@ -55,12 +67,19 @@ def _fail(message: str, exit_code: int = 1):
   sys.exit(exit_code)
 
 
+def _check_inference_flags(config, workdir):
+  """What predict, embed and export need on the command line, checked before JAX starts."""
+  if FLAGS.mode in ('predict', 'embed') and not FLAGS.images:
+    _fail(f'--mode={FLAGS.mode} needs --images=PATH[,PATH...] (image files or folders)', 2)
+  if FLAGS.mode == 'export' and not FLAGS.export_dir:
+    _fail('--mode=export needs --export_dir=DIR', 2)
+  if workdir is None and not config.init_from:
+    _fail(f'--mode={FLAGS.mode} needs --workdir=RUN (a trained run) or '
+          '--config.init_from=WEIGHTS', 2)
+
+
 def _predict(config, workdir):
   """--mode=predict: a table on stdout and a CSV of the top-k classes of --images."""
-  if not FLAGS.images:
-    _fail('--mode=predict needs --images=PATH[,PATH...] (image files or folders)', 2)
-  if workdir is None and not config.init_from:
-    _fail('--mode=predict needs --workdir=RUN (a trained run) or --config.init_from=WEIGHTS', 2)
   from densenet_jax import predict  # pylint: disable=import-outside-toplevel (TensorFlow)
   predictions = predict.predict(config, workdir, FLAGS.images, FLAGS.top_k)
   print(predictions.table())
@@ -68,6 +87,27 @@ def _predict(config, workdir):
   predictions.write_csv(path)
   print(f'{len(predictions.files)} images predicted, {len(predictions.unreadable)} unreadable; '
         f'top-{FLAGS.top_k} classes written to {path}')
+
+
+def _embed(config, workdir):
+  """--mode=embed: the pooled features of --images as .npy, and the list of their files."""
+  from densenet_jax import predict  # pylint: disable=import-outside-toplevel (TensorFlow)
+  embeddings = predict.embed(config, workdir, FLAGS.images)
+  path = FLAGS.embeddings or os.path.join(workdir or '.', 'embeddings.npy')
+  embeddings.save(path)
+  for name, reason in embeddings.unreadable:
+    print(f'unreadable: {name} ({reason})')
+  print(f'{len(embeddings.files)} images embedded ({embeddings.features.shape[1]} features), '
+        f'{len(embeddings.unreadable)} unreadable; written to {path} and '
+        f'{predict.files_list_path(path)}')
+
+
+def _export(config, workdir):
+  """--mode=export: the model as files that run without this project (densenet_jax/export.py)."""
+  from densenet_jax import export, settings  # pylint: disable=import-outside-toplevel
+  written = export.export(settings.RunSettings.from_config(config), workdir, FLAGS.export_dir,
+                          FLAGS.export_formats, FLAGS.overwrite)
+  print('\n'.join(['written:'] + written))
 
 
 def _train_or_evaluate(config, workdir):
@@ -91,22 +131,26 @@ def _train_or_evaluate(config, workdir):
 
 def main(argv):
   del argv
+  if FLAGS.mode in ('predict', 'embed', 'export'):
+    _check_inference_flags(FLAGS.config, FLAGS.workdir)
   runtime.quiet_libraries(logging.get_absl_handler())
   import jax  # pylint: disable=import-outside-toplevel (after flag parsing: --help is fast)
   runtime.start_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                             detect=FLAGS.distributed)
   runtime.use_compilation_cache(FLAGS.compilation_cache_dir)
   from densenet_jax import config_validation, errors  # pylint: disable=import-outside-toplevel
+  inference_only = FLAGS.mode in ('predict', 'embed', 'export')
   try:
-    config_validation.validate(FLAGS.config, jax.device_count(), data=FLAGS.mode != 'predict')
+    config_validation.validate(FLAGS.config, jax.device_count(), data=not inference_only)
   except config_validation.ConfigError as e:
     _fail(str(e), exit_code=2)
   runtime.keep_tensorflow_off_accelerators()
   logging.info('%d process(es), %d devices (%s).', jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    if FLAGS.mode == 'predict':
-      _predict(FLAGS.config, FLAGS.workdir)
+    if inference_only:
+      {'predict': _predict, 'embed': _embed, 'export': _export}[FLAGS.mode](FLAGS.config,
+                                                                          FLAGS.workdir)
     else:
       _train_or_evaluate(FLAGS.config, FLAGS.workdir)
   except errors.UserError as e:

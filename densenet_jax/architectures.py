@@ -204,8 +204,9 @@ def validate_hyperparameters(*, block_sizes, growth_rate, compression, stem, ste
     raise ValueError(f'stem_features={stem_features!r}: must be None or an integer >= 1')
   if not _is_number(dropout_rate) or not 0 <= dropout_rate < 1:
     raise ValueError(f'dropout_rate={dropout_rate!r}: must be in [0, 1)')
-  if not positive_int(num_classes):
-    raise ValueError(f'num_classes={num_classes!r}: must be an integer >= 1')
+  if not (_is_int(num_classes) and num_classes >= 0):
+    raise ValueError(f'num_classes={num_classes!r}: must be an integer >= 1, or 0 for a '
+                     'headless model (pooled features, no classifier)')
   if dtype not in COMPUTE_DTYPES:
     raise ValueError(f'dtype={dtype!r}: allowed compute dtypes are {", ".join(COMPUTE_DTYPES)}')
 

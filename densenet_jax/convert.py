@@ -247,6 +247,74 @@ def from_keras(model) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# The other way: our variables in the publishers' layouts (--mode=export)
+
+def _node(tree: dict, path: tuple) -> dict:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def block_sizes_of(variables: dict) -> tuple:
+  """The block sizes of a DenseNet's variables (the number of layers under each blockN)."""
+  params = variables['params']
+  blocks = sorted((k for k in params if k.startswith('block')), key=lambda k: int(k[5:]))
+  return tuple(len(params[k]) for k in blocks)
+
+
+def torchvision_compatible(model: models.DenseNet) -> bool:
+  """Whether torchvision's DenseNet class builds this network: ImageNet stem, 4k bottleneck,
+  transitions that halve the channels (its num_features // 2)."""
+  return model.stem == 'imagenet' and model.bottleneck and model.compression == 0.5
+
+
+def to_torchvision(variables: dict) -> dict:
+  """The state_dict (numpy arrays, torchvision's current key names) that
+  torchvision.models.DenseNet with these block sizes, growth rate and stem width loads with
+  strict=True; `from_torchvision` inverted."""
+  params, stats = variables['params'], variables['batch_stats']
+  state_dict = {}
+  for kind, path, prefix, _ in _modules(block_sizes_of(variables)):
+    p = _node(params, path)
+    if kind == 'conv':
+      state_dict[f'{prefix}.weight'] = np.asarray(p['kernel']).transpose(3, 2, 0, 1)
+    elif kind == 'dense':
+      state_dict[f'{prefix}.weight'] = np.asarray(p['kernel']).T
+      state_dict[f'{prefix}.bias'] = np.asarray(p['bias'])
+    else:
+      s = _node(stats, path)
+      state_dict.update({f'{prefix}.weight': np.asarray(p['scale']),
+                         f'{prefix}.bias': np.asarray(p['bias']),
+                         f'{prefix}.running_mean': np.asarray(s['mean']),
+                         f'{prefix}.running_var': np.asarray(s['var']),
+                         f'{prefix}.num_batches_tracked': np.array(0, np.int64)})
+  return {k: np.ascontiguousarray(v, np.int64 if v.dtype == np.int64 else np.float32)
+          for k, v in state_dict.items()}
+
+
+def to_keras(variables: dict, model):
+  """Sets the weights of `model`, a keras.applications DenseNet of the same network (e.g.
+  DenseNet121(weights=None, classes=C)), to `variables`; `from_keras` inverted. The BN epsilon
+  fold is undone: Keras's moving variance is ours minus (Keras's epsilon - ours), so Keras's
+  rsqrt(var + 1.001e-5) is our rsqrt(var + 1e-5) (a variance below 1e-8, which no trained BN
+  has, would be clipped at 0)."""
+  architecture = _keras_architecture(model)
+  if architecture[0] != block_sizes_of(variables):
+    raise ValueError(f'Keras model {model.name!r} has block sizes {architecture[0]}, the '
+                     f'variables {block_sizes_of(variables)}')
+  layers = {layer.name: layer for layer in model.layers}
+  for kind, path, _, layer_name in _modules(architecture[0]):
+    p, layer = _node(variables['params'], path), layers[layer_name]
+    if kind == 'norm':
+      s = _node(variables['batch_stats'], path)
+      variance = np.asarray(s['var'], np.float64) - (layer.epsilon - models.BN_EPSILON)
+      weights = [p['scale'], p['bias'], s['mean'], np.maximum(variance, 0)]
+    else:
+      weights = [p['kernel']] + ([p['bias']] if kind == 'dense' else [])
+    layer.set_weights([np.asarray(w, np.float32) for w in weights])
+
+
+# ---------------------------------------------------------------------------------------------
 
 def load_pretrained(path) -> tuple:
   """(model name, variables) from a torchvision state_dict file or a whole saved Keras model.

@@ -278,6 +278,17 @@ class SharedDenseBlock(nn.Module):
     return [buffer]
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureInfo:
+  """One stage of `DenseNet.features`: the module it is the output of, its channels, its
+  stride (input size / its size), and the torchvision module whose output it equals (ImageNet
+  stem; None for CIFAR/SVHN networks, which torchvision does not have)."""
+  name: str
+  channels: int
+  stride: int
+  torchvision_module: Optional[str]
+
+
 class DenseNet(nn.Module):
   """A DenseNet of any variant: basic, -B (bottleneck), -C (compression < 1) and -BC.
 
@@ -291,7 +302,8 @@ class DenseNet(nn.Module):
       16 for the other CIFAR variants (the paper's choice, which gives its parameter counts).
     dropout_rate: dropout after every conv except the stem's (0.2 in the paper without
       augmentation).
-    num_classes: outputs of the classifier.
+    num_classes: outputs of the classifier; 0: headless, no classifier, the model outputs its
+      pooled features (`num_features` wide), for linear probes, retrieval and backbones.
     dtype: compute dtype, 'float32' or 'bfloat16'; parameters and BN statistics stay float32.
       'float64' (parameters in float64 too; needs jax_enable_x64) is a numerical reference for
       tests and experiments: the same computation with rounding ~1e9 times smaller.
@@ -337,8 +349,50 @@ class DenseNet(nn.Module):
       return 2 * self.growth_rate
     return 16
 
+  def stage_channels(self) -> tuple:
+    """Channels of each dense block's output, and the widths of the transitions after them:
+    ((block output, transition output or None), ...)."""
+    channels, stages = self.num_stem_features, []
+    for i, num_layers in enumerate(self.block_sizes):
+      channels += num_layers * self.growth_rate
+      last = i + 1 == len(self.block_sizes)
+      transition = None if last else int(math.floor(self.compression * channels))
+      stages.append((channels, transition))
+      channels = transition
+    return tuple(stages)
+
+  @property
+  def feature_info(self) -> Tuple[FeatureInfo, ...]:
+    """What `features` returns, stage by stage (its channels, its stride)."""
+    first_stride = 4 if self.stem == 'imagenet' else 1
+    names = [f'block{i + 1}' for i in range(len(self.block_sizes) - 1)] + ['head_norm']
+    torchvision = [f'features.denseblock{i + 1}' for i in range(len(self.block_sizes) - 1)]
+    torchvision.append('features.norm5')
+    if self.stem != 'imagenet':
+      torchvision = [None] * len(names)
+    return tuple(FeatureInfo(name, channels, first_stride * 2 ** i, module)
+                 for i, (name, (channels, _), module)
+                 in enumerate(zip(names, self.stage_channels(), torchvision)))
+
+  @property
+  def num_features(self) -> int:
+    """Width of the pooled features (the classifier's input; the output when headless)."""
+    return self.stage_channels()[-1][0]
+
+  def features(self, x: jax.Array, train: bool = False) -> list:
+    """Each stage's output, [B, H / stride, W / stride, channels] as `feature_info` says:
+    every dense block's output (the concatenation of its input and its layers' outputs, before
+    the transition), the last one after the final BN (head_norm), before its ReLU: torchvision's
+    `features.denseblockN` and `features.norm5`, where torchvision's `features` ends.
+
+      model.apply(variables, images, method='features')
+    """
+    return self(x, train, stages=True)
+
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, stages: bool = False):
+    """Logits [B, num_classes]; with num_classes=0 (headless) the pooled features
+    [B, num_features]; with `stages`, `features`."""
     dtype = COMPUTE_DTYPES[self.dtype]
     param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
@@ -360,8 +414,9 @@ class DenseNet(nn.Module):
       x = nn.relu(norm(name='stem_norm')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-    channels = stem_width
-    for i, num_layers in enumerate(self.block_sizes):
+    outputs = []
+    for i, (num_layers, (_, transition)) in enumerate(zip(self.block_sizes,
+                                                          self.stage_channels())):
       if self.implementation == 'shared':
         features = SharedDenseBlock(
             num_layers, self.growth_rate, self.bottleneck, self.dtype, param_dtype,
@@ -370,10 +425,13 @@ class DenseNet(nn.Module):
       else:
         features = DenseBlock(num_layers, self.growth_rate, self.bottleneck, unit,
                               name=f'block{i + 1}')(x)
-      channels += num_layers * self.growth_rate
-      if i + 1 < len(self.block_sizes):
-        channels = int(math.floor(self.compression * channels))
-        x = Transition(channels, unit, name=f'transition{i + 1}')(features)
+      if transition is not None:
+        if stages:
+          outputs.append(jnp.concatenate(features, axis=-1))
+        x = Transition(transition, unit, name=f'transition{i + 1}')(features)
+
+    if stages:
+      return outputs + [norm(name='head_norm')(jnp.concatenate(features, axis=-1))]
 
     def head(module, features):
       """BN-ReLU-global average pool of the last block's output; under remat, so that its
@@ -383,8 +441,9 @@ class DenseNet(nn.Module):
       return jnp.mean(nn.relu(norm(name='head_norm')(x)), axis=(1, 2))
 
     x = nn.remat(head, policy=save_only_reductions)(self, features)
-    x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dtype, param_dtype=param_dtype,
-                 name='classifier')(x)
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dtype,
+                   param_dtype=param_dtype, name='classifier')(x)
     return x.astype(param_dtype)  # float32 logits (float64 for the float64 reference)
 
 

@@ -1,4 +1,5 @@
-"""--mode=predict: the top-k classes of image files, with names and probabilities.
+"""--mode=predict: the top-k classes of image files, with names and probabilities; --mode=embed:
+their pooled features (the headless model's output), for linear probes and retrieval.
 
 The model is a run's best (or latest) checkpoint (--workdir) or config.init_from's weights; each
 image gets the eval transform the model was trained with (the dataset's, as the eval step sees
@@ -21,7 +22,7 @@ import tensorflow as tf
 import tqdm
 
 from densenet_jax import config_validation, datasets, folder_listing, inference, input_pipeline
-from densenet_jax import errors, run_setup, weight_sources
+from densenet_jax import errors, inference, run_setup, weight_sources, weights
 from densenet_jax import preprocessing as pp
 from densenet_jax.settings import RunSettings
 
@@ -123,10 +124,45 @@ def _load(files: list, transform) -> tuple:
   return kept, images, unreadable
 
 
+def inference_model(settings: RunSettings, workdir: Optional[str]) -> tuple:
+  """(data, state): the data as the model saw it (`_data`) and the model with its weights (the
+  run's best or latest checkpoint, else settings.init_from's), as predict, embed and export use
+  them. Published weights are downloaded first: a failed download fails before anything else."""
+  weight_sources.fetch(settings.init_from)
+  data = _data(settings, workdir)
+  return data, run_setup.inference_state(settings, workdir, data.info)
+
+
+def on_uint8_images(data: input_pipeline.Data, state: inference.InferenceState):
+  """fn(variables, images) -> the model's outputs, for uint8 images [B, H, W, C] as the eval
+  preprocessor makes them: the eval step's device transform (scale, normalization, resize)
+  then the model."""
+  device_transform = data.device_transform(train=False)
+  return lambda variables, images: state.apply_fn(
+      variables, inference.model_input(device_transform, {'image': images}), train=False)
+
+
+def _outputs(files: Sequence[str], data, state, desc: str, unreadable: list):
+  """Yields (files, model outputs [n, ...]) of each BATCH of `files`, of those that decoded;
+  appends (file, reason) of the others to `unreadable`. Host memory stays that of one batch
+  however many files there are."""
+  transform = data.eval_preprocessor()
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  outputs_fn = jax.jit(on_uint8_images(data, state))
+  for start in tqdm.trange(0, len(files), BATCH, desc=desc, disable=len(files) <= BATCH):
+    names, images, bad = _load(files[start:start + BATCH], transform)
+    unreadable += bad
+    if images:
+      batch = np.stack(images)
+      padded = np.concatenate([batch, np.zeros((BATCH - len(batch), *batch.shape[1:]),
+                                               batch.dtype)])
+      yield names, np.asarray(outputs_fn(variables, padded))[:len(batch)]
+
+
 def predict(config: ml_collections.ConfigDict, workdir: Optional[str], paths: Sequence[str],
             top_k: int = 5) -> Predictions:
   """Top-k classes of every image file under `paths`, decoded and scored BATCH files at a
-  time (host memory stays that of one batch however many files there are)."""
+  time."""
   config_validation.validate(config, jax.device_count(), data=False)
   return predict_files(RunSettings.from_config(config), workdir, image_files(paths), top_k)
 
@@ -134,32 +170,52 @@ def predict(config: ml_collections.ConfigDict, workdir: Optional[str], paths: Se
 def predict_files(settings: RunSettings, workdir: Optional[str], files: Sequence[str],
                   top_k: int = 5) -> Predictions:
   """`predict` on a validated config's settings and a list of files."""
-  weight_sources.fetch(settings.init_from)
-  data = _data(settings, workdir)
-  info, transform = data.info, data.eval_preprocessor()
-  device_transform = data.device_transform(train=False)
-  state = run_setup.inference_state(settings, workdir, info)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits_fn = jax.jit(lambda v, x: state.apply_fn(
-      v, inference.model_input(device_transform, {'image': x}), train=False))
-  k = min(top_k, info.num_classes)
+  data, state = inference_model(settings, workdir)
+  k = min(top_k, data.info.num_classes)
   kept, unreadable, top_classes, top_probabilities = [], [], [], []
-  for start in tqdm.trange(0, len(files), BATCH, desc='predict', disable=len(files) <= BATCH):
-    names, images, bad = _load(files[start:start + BATCH], transform)
+  for names, logits in _outputs(files, data, state, 'predict', unreadable):
     kept += names
-    unreadable += bad
-    if not images:
-      continue
-    batch = np.stack(images)
-    padded = np.concatenate([batch, np.zeros((BATCH - len(batch), *batch.shape[1:]),
-                                             batch.dtype)])
-    logits = np.asarray(logits_fn(variables, padded))[:len(batch)]
     # Ranked by logits: probabilities that round to 0 or 1 would tie.
     order = np.argsort(-logits, axis=1, kind='stable')[:, :k]
     top_classes.append(order)
     top_probabilities.append(np.take_along_axis(np.asarray(jax.nn.softmax(logits)), order, 1))
+  class_names = list(data.info.class_names)
   if not kept:
-    return Predictions([], np.zeros((0, k), int), np.zeros((0, k)), list(info.class_names),
-                       unreadable)
+    return Predictions([], np.zeros((0, k), int), np.zeros((0, k)), class_names, unreadable)
   return Predictions(kept, np.concatenate(top_classes), np.concatenate(top_probabilities),
-                     list(info.class_names), unreadable)
+                     class_names, unreadable)
+
+
+@dataclasses.dataclass
+class Embeddings:
+  files: list  # the files that decoded, in the order of the rows of `features`
+  features: np.ndarray  # float32 [files, num_features]: the pooled features, the classifier's input
+  unreadable: list  # (file, reason)
+
+  def save(self, path: str):
+    """`path` (.npy) and the list of its rows' files next to it (PATH without .npy + .files.txt),
+    each written under a temporary name and renamed when complete."""
+    weights.write_atomically(path, lambda f: np.save(f, self.features))
+    listing = ''.join(f'{name}\n' for name in self.files).encode()
+    weights.write_atomically(files_list_path(path), lambda f: f.write(listing))
+
+
+def files_list_path(embeddings_path: str) -> str:
+  return os.path.splitext(embeddings_path)[0] + '.files.txt'
+
+
+def embed(config: ml_collections.ConfigDict, workdir: Optional[str],
+          paths: Sequence[str]) -> Embeddings:
+  """The pooled features (the headless model's output) of every image file under `paths`."""
+  config_validation.validate(config, jax.device_count(), data=False)
+  settings = RunSettings.from_config(config)
+  data, state = inference_model(settings, workdir)
+  state = run_setup.headless(state, settings.model)
+  kept, unreadable, features = [], [], []
+  for names, outputs in _outputs(image_files(paths), data, state, 'embed', unreadable):
+    kept += names
+    features.append(outputs)
+  width = state.params['head_norm']['scale'].shape[0]
+  return Embeddings(kept, np.concatenate(features) if features else np.zeros((0, width),
+                                                                             np.float32),
+                    unreadable)

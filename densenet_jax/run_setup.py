@@ -102,6 +102,13 @@ def _checkpointed(workdir: Optional[str], like: dict, which: str) -> Optional[di
   return restored
 
 
+def headless(state: inference.InferenceState,
+             settings: ModelSettings) -> inference.InferenceState:
+  """`state` without its classifier: its model outputs the pooled features (num_classes=0)."""
+  params = {k: v for k, v in state.params.items() if k != 'classifier'}
+  return state.replace(apply_fn=build_model(settings, 0).apply, params=params)
+
+
 def inference_state(settings: RunSettings, workdir: Optional[str],
                     info: DatasetInfo) -> inference.InferenceState:
   """The model with the best (settings.eval_checkpoint='best') or latest checkpoint of workdir,

@@ -108,15 +108,21 @@ def fit(init_from: str, loaded: dict, variables: dict) -> dict:
   """`loaded` (init_from's weights, `read`) in place of the model's `variables`.
 
   A classifier of another shape (another number of classes) is not loaded: the model's freshly
-  initialized head is kept (fine-tuning).
+  initialized head is kept (fine-tuning). A headless model (num_classes=0) takes everything but
+  the classifier.
   """
   params, batch_stats = dict(loaded['params']), dict(loaded['batch_stats'])
-  head = params['classifier']['kernel'].shape
-  new_head = variables['params']['classifier']['kernel'].shape
-  if head != new_head:
-    logging.info('%s has a %d-class classifier, the model %d classes: new classifier.',
-                 init_from, head[-1], new_head[-1])
-    params['classifier'] = variables['params']['classifier']
+  model_head = variables['params'].get('classifier')
+  head = params.pop('classifier', None)
+  if model_head is None:
+    logging.info('Headless model: the classifier of %s is not loaded.', init_from)
+  elif head is not None and jax.tree.map(np.shape, head) == jax.tree.map(np.shape, model_head):
+    params['classifier'] = head
+  else:
+    logging.info('%s has %s, the model %d classes: new classifier.', init_from,
+                 'no classifier' if head is None else f'a {head["kernel"].shape[-1]}-class one',
+                 model_head['kernel'].shape[-1])
+    params['classifier'] = model_head
   if jax.tree.structure(params) != jax.tree.structure(dict(variables['params'])):
     raise WeightsError(f'init_from={init_from!r} holds another architecture than the model')
   shapes = jax.tree.map(np.shape, (params, batch_stats))

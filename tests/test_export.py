@@ -1,69 +1,242 @@
-"""The train and eval steps lower for GPU and TPU (jax.export), without those devices.
+"""--mode=export: each file loads in a fresh process where densenet_jax cannot be imported and
+scores real photos (scikit-learn's) as --mode=predict does; what cannot be exported is refused
+before anything is written, and a failed export leaves nothing behind.
 
-pmap cannot be exported, so the per-device steps run under shard_map over a mesh of this
-process's CPU devices, collectives (BN statistics, gradient and metric means) included: a
-lowering error that only CUDA or TPU would raise shows up here, on every CI run.
+The reference logits are predict's function (float32); the tolerance is ten times the float32
+error of those logits, measured against the same model in float64.
 """
 
-import functools
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from PIL import Image
+from sklearn.datasets import load_sample_images
 
-from densenet_jax import inference, models, steps
+from configs import digits, finetune
+from densenet_jax import checkpoints, export, inference, predict, run_setup, steps
+from densenet_jax.settings import ModelSettings, RunSettings
 
-PLATFORMS = ['cuda', 'tpu']
-DEVICES = 2
-BATCH, SIZE = 4, 8
-
-
-def _sharded(step):
-  """step mapped over the batch axis of a DEVICES-device mesh; state and outputs replicated."""
-  mesh = Mesh(np.array(jax.devices()[:DEVICES]), (inference.AXIS_NAME,))
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(inference.AXIS_NAME)),
-                               out_specs=P(), check_vma=False))
+CLASS_NAMES = [f'class {c}' for c in 'abcdef']
+SIZE = 32
+HAS_TORCH = importlib.util.find_spec('torch') is not None
+HAS_TORCHVISION = importlib.util.find_spec('torchvision') is not None
 
 
-def _abstract_state(memory_efficient: bool, dtype: str):
-  model = models.DenseNet(block_sizes=(1, 1), growth_rate=4, bottleneck=True, compression=0.5,
-                          num_classes=10, dropout_rate=0.2, axis_name=inference.AXIS_NAME,
-                          memory_efficient=memory_efficient, dtype=dtype)
-  lr_fn = steps.learning_rate_schedule(0.1, 10, (5,))
-  tx = steps.sgd_nesterov(lr_fn, 0.9, 1e-4)
-  state = jax.eval_shape(
-      lambda: steps.create_train_state(model, jax.random.key(0), (SIZE, SIZE, 3), tx))
-  return state, lr_fn
+def photo_config(data_dir):
+  """A tiny ImageNet-stem DenseNet-BC (torchvision's layout) on a folder of photos, 32x32."""
+  config = finetune.get_config()
+  config.dataset = f'folder:{data_dir}'
+  config.init_from = ''
+  config.image_size = SIZE
+  config.model.block_sizes, config.model.growth_rate = (1, 2), 4
+  return config
 
 
-def _batch(**extra):
-  return {'image': jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 3), jnp.float32),
-          'label': jax.ShapeDtypeStruct((BATCH,), jnp.int32), **extra}
+def _random_state(model, shape, step):
+  """A train state with random weights (the classifier's too) and random BN statistics."""
+  tx = steps.sgd_nesterov(optax.constant_schedule(0.1), 0.9, 1e-4)
+  state = steps.create_train_state(model, jax.random.key(0), shape, tx)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: rng.normal(scale=0.5, size=x.shape).astype(np.float32),
+                        state.params)
+  stats = jax.tree.map(lambda x: np.abs(rng.normal(size=x.shape)).astype(np.float32) + 0.5,
+                       state.batch_stats)
+  return state.replace(step=np.int32(step), params=params, batch_stats=stats)
 
 
-@pytest.mark.parametrize('memory_efficient', [False, True])
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_train_step_lowers_for_gpu_and_tpu(memory_efficient, dtype):
-  state, lr_fn = _abstract_state(memory_efficient, dtype)
-  step = _sharded(functools.partial(steps.train_step, learning_rate_fn=lr_fn))
-  exported = jax.export.export(step, platforms=PLATFORMS)(state, _batch())
-  assert exported.platforms == tuple(PLATFORMS)
-  assert exported.nr_devices == DEVICES
-  text = exported.mlir_module()
-  assert 'all_reduce' in text or 'all-reduce' in text  # the cross-device means are in it
-  new_state = exported.out_avals[:len(jax.tree.leaves(state))]
-  assert [a.shape for a in new_state] == [a.shape for a in jax.tree.leaves(state)]
+def write_run(workdir, config, state, record):
+  """A workdir as training leaves it: one checkpoint and classes.json."""
+  ckpt = checkpoints.Checkpoints(str(workdir / 'checkpoints'))
+  ckpt.save(jax.device_get(state), {'history': [{'step': int(state.step),
+                                                  'eval': {'test': {'top1_error': 0.5}}}]},
+            selection_error=0.5)
+  ckpt.close()
+  (workdir / run_setup.CLASSES_FILE).write_text(json.dumps(record))
 
 
-def test_eval_step_lowers_for_gpu_and_tpu():
-  state, _ = _abstract_state(False, 'float32')
-  step = _sharded(functools.partial(inference.eval_step, top5=True, confusion=True))
-  batch = _batch(mask=jax.ShapeDtypeStruct((BATCH,), jnp.float32))
-  exported = jax.export.export(step, platforms=PLATFORMS)(state, batch)
-  assert exported.platforms == tuple(PLATFORMS)
-  # the sums of the confusion matrix, count, loss, top-1 and top-5 errors (sorted keys)
-  assert exported.out_tree.num_leaves == 5
-  num_classes = state.params['classifier']['bias'].shape[0]
-  assert [a.shape for a in exported.out_avals] == [(num_classes, num_classes)] + [()] * 4
+@pytest.fixture(scope='module')
+def photo_run(tmp_path_factory):
+  """(config, workdir, photo files, unreadable file): scikit-learn's two photos, as JPEG and
+  PNG, whole and cropped (six files), and a file that is no image."""
+  root = tmp_path_factory.mktemp('export')
+  config = photo_config(root / 'data')
+  model = run_setup.build_model(ModelSettings.from_config(config), len(CLASS_NAMES))
+  state = _random_state(model, (SIZE, SIZE, 3), step=11)
+  workdir = root / 'run'
+  write_run(workdir, config, state, {
+      'dataset': config.dataset, 'class_names': CLASS_NAMES, 'image_shape': [SIZE, SIZE, 3],
+      'normalization': [255.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]],
+      'folder_transform': {'size': SIZE, 'transform': 'resize_center_crop',
+                           'crop_ratio': 0.875}})
+  files = []
+  for i, photo in enumerate(load_sample_images().images):
+    for j, (image, ext) in enumerate([(photo, 'jpg'), (photo[50:300, 100:500], 'png'),
+                                      (photo[::-1, ::2], 'jpg')]):
+      files.append(str(root / 'photos' / f'{i}{j}.{ext}'))
+      os.makedirs(os.path.dirname(files[-1]), exist_ok=True)
+      Image.fromarray(np.ascontiguousarray(image)).save(files[-1])
+  broken = root / 'photos' / 'broken.jpg'
+  broken.write_bytes(b'not a jpeg')
+  return config, str(workdir), files, str(broken)
+
+
+FRESH_PROCESS = r'''
+import json, os, sys
+sys.modules['densenet_jax'] = None  # whatever is installed: this process cannot import it
+try:
+  import densenet_jax
+  raise SystemExit('densenet_jax imported')
+except ImportError:
+  pass
+import numpy as np
+export_dir, images_npy, files, out = sys.argv[1], sys.argv[2], sys.argv[3].split(','), sys.argv[4]
+images = np.load(images_npy)
+meta = json.load(open(os.path.join(export_dir, 'classes.json')))
+results = {}
+
+import jax
+exported = jax.export.deserialize(open(os.path.join(export_dir, 'model.jax'), 'rb').read())
+results['jax'] = np.asarray(exported.call(images))
+results['jax_batch1'] = np.asarray(exported.call(images[:1]))
+
+import tensorflow as tf
+saved = tf.saved_model.load(os.path.join(export_dir, 'saved_model'))
+results['saved_model'] = saved.signatures['serving_default'](
+    images=tf.constant(images))['logits'].numpy()
+encoded = [open(f, 'rb').read() for f in files]
+results['saved_model_encoded'] = saved.signatures['serve_encoded'](
+    encoded=tf.constant(encoded))['logits'].numpy()
+
+if os.path.exists(os.path.join(export_dir, 'torchvision.pth')) and '--torchvision' in sys.argv:
+  sys.modules.setdefault('triton', None)  # torchvision's triton import crashes beside TF
+  import torch, torchvision
+  model = eval(meta['files']['torchvision.pth'].split('.load_state_dict')[0])
+  model.load_state_dict(torch.load(os.path.join(export_dir, 'torchvision.pth')), strict=True)
+  scale, mean, std = (meta['eval_transform']['normalization'][k] for k in ('scale', 'mean', 'std'))
+  x = (images / scale - np.array(mean)) / np.array(std)
+  with torch.no_grad():
+    results['torchvision'] = model.eval()(
+        torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32))).numpy()
+np.savez(out, **results, class_names=np.array(meta['class_names']))
+'''
+
+
+def run_fresh(script, *args):
+  """Runs `script` in a new interpreter whose sys.path has neither the repository nor the
+  current directory (-I, cwd elsewhere)."""
+  proc = subprocess.run([sys.executable, '-I', '-c', script, *map(str, args)], cwd='/',
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _reference(config, workdir, files):
+  """(uint8 eval images as predict makes them, predict's logits, float32 noise floor)."""
+  settings = RunSettings.from_config(config)
+  data, state = predict.inference_model(settings, workdir)
+  kept, images, unreadable = predict._load(files, data.eval_preprocessor())  # pylint: disable=protected-access
+  assert kept == files and not unreadable
+  images = np.stack(images)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits = np.asarray(jax.jit(predict.on_uint8_images(data, state))(variables, images))
+  with jax.enable_x64(True):
+    model64 = run_setup.build_model(ModelSettings.from_config(config), len(CLASS_NAMES))
+    model64 = model64.clone(dtype='float64')
+    state64 = inference.InferenceState(
+        step=0, apply_fn=model64.apply,
+        **jax.tree.map(lambda x: np.asarray(x, np.float64), variables))
+    logits64 = np.asarray(jax.jit(predict.on_uint8_images(data, state64))(
+        jax.tree.map(np.asarray, {'params': state64.params, 'batch_stats': state64.batch_stats}),
+        images))
+  noise = np.abs(logits - logits64).max()
+  assert 0 < noise < 1e-3 * np.abs(logits64).max()
+  return images, logits, logits64, noise
+
+
+@pytest.mark.slow
+def test_exports_score_photos_as_predict_in_a_process_without_densenet_jax(photo_run, tmp_path):
+  config, workdir, files, broken = photo_run
+  export_dir = tmp_path / 'export'
+  written = export.export(RunSettings.from_config(config), workdir, str(export_dir))
+  expected = {'model.jax', 'saved_model', 'classes.json'} | (
+      {'torchvision.pth'} if HAS_TORCH else set())
+  assert {os.path.basename(p) for p in written} == expected == set(os.listdir(export_dir))
+  assert not [n for n in os.listdir(tmp_path) if n.endswith('.partial')]
+  meta = json.loads((export_dir / 'classes.json').read_text())
+  assert meta['class_names'] == CLASS_NAMES
+  assert meta['input']['shape'] == ['batch', SIZE, SIZE, 3]
+  assert meta['source'] == {'workdir': workdir, 'init_from': None, 'step': 11,
+                            'dataset': config.dataset}
+  assert meta['eval_transform']['folder'] == {'size': SIZE, 'transform': 'resize_center_crop',
+                                              'crop_ratio': 0.875}
+
+  images, logits, logits64, noise = _reference(config, workdir, files)
+  predictions = predict.predict(config, workdir, files + [broken], top_k=5)
+  assert predictions.files == files and [f for f, _ in predictions.unreadable] == [broken]
+  np.testing.assert_array_equal(np.argsort(-logits, 1, kind='stable')[:, :5],
+                                predictions.top_classes)
+
+  np.save(tmp_path / 'images.npy', images)
+  run_fresh(FRESH_PROCESS, export_dir, tmp_path / 'images.npy', ','.join(files),
+            tmp_path / 'out.npz', *(['--torchvision'] if HAS_TORCHVISION else []))
+  with np.load(tmp_path / 'out.npz') as out:
+    results = {k: out[k] for k in out.files}
+  assert list(results.pop('class_names')) == CLASS_NAMES
+  for fmt, got in results.items():  # jax_batch1: the first image alone (the batch is symbolic)
+    error = np.abs(got - logits64[:len(got)]).max()
+    print(f'{fmt}: max |logits - float64| {error:.3g} (predict, float32: {noise:.3g})')
+    assert error <= 10 * noise, fmt
+    np.testing.assert_array_equal(np.argsort(-got, 1, kind='stable')[:, :5],
+                                  predictions.top_classes[:len(got)], err_msg=fmt)
+  assert ('torchvision' in results) == HAS_TORCHVISION
+
+
+def test_bad_exports_fail_before_writing_and_leave_nothing(photo_run, tmp_path, monkeypatch):
+  config, workdir, _, _ = photo_run
+  settings = RunSettings.from_config(config)
+  taken = tmp_path / 'taken'
+  taken.mkdir()
+  (taken / 'keep.txt').write_text('old')
+
+  def fails(match, *args, **kwargs):
+    with pytest.raises(export.ExportError, match=match):
+      export.export(*args, **kwargs)
+
+  fails(r'--export_dir=.*taken exists; .*--overwrite', settings, workdir, str(taken))
+  fails(r"'onnx' is unknown; allowed: jax, saved_model, torchvision, keras", settings, workdir,
+        str(tmp_path / 'a'), ['onnx'])
+  fails(r'no keras export for this model: keras.applications has densenet121, densenet169, '
+        r'densenet201; this model is densenet_bc', settings, workdir, str(tmp_path / 'b'),
+        ['jax', 'keras'])
+  cifar = RunSettings.from_config(digits.get_config())
+  fails(r'no torchvision export .* ImageNet stem.* \(cifar stem\)', cifar, workdir,
+        str(tmp_path / 'c'), ['torchvision'])
+  started = tmp_path / 'started'  # a run stopped before its first checkpoint
+  started.mkdir()
+  (started / run_setup.CLASSES_FILE).write_bytes(
+      open(os.path.join(workdir, run_setup.CLASSES_FILE), 'rb').read())
+  with pytest.raises(run_setup.RunError, match='no checkpoint'):
+    export.export(settings, str(started), str(tmp_path / 'd'), ['jax'])
+  shutil.rmtree(started)
+
+  def broken_saved_model(path, *args):
+    os.makedirs(path)
+    open(os.path.join(path, 'half'), 'w').close()
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(export, 'write_saved_model', broken_saved_model)
+  with pytest.raises(OSError, match='No space left'):
+    export.export(settings, workdir, str(taken), ['jax', 'saved_model'], overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ['taken']  # no partial export, the old one as it was
+  assert os.listdir(taken) == ['keep.txt']
+  monkeypatch.undo()
+  export.export(settings, workdir, str(taken), ['jax'], overwrite=True)
+  assert sorted(os.listdir(taken)) == ['classes.json', 'model.jax']
+  assert sorted(os.listdir(tmp_path)) == ['taken']

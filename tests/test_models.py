@@ -97,7 +97,7 @@ def test_impossible_depth_is_a_clear_error(bottleneck, depth, match):
     (dict(dropout_rate=1.0), r'dropout_rate=1.0'),
     (dict(dtype='float16'), r"dtype='float16'.*float32, bfloat16"),
     (dict(stem='resnet'), r"stem='resnet'.*cifar, imagenet"),
-    (dict(num_classes=0), r'num_classes=0'),
+    (dict(num_classes=-1), r'num_classes=-1.*or 0 for a headless model'),
     (dict(width=3), r'unknown option\(s\) width.*allowed:.*growth_rate'),
 ])
 def test_bad_hyperparameters_are_clear_errors(overrides, match):
