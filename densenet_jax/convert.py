@@ -288,7 +288,7 @@ def to_torchvision(variables: dict) -> dict:
                          f'{prefix}.running_mean': np.asarray(s['mean']),
                          f'{prefix}.running_var': np.asarray(s['var']),
                          f'{prefix}.num_batches_tracked': np.array(0, np.int64)})
-  return {k: np.ascontiguousarray(v, np.int64 if v.dtype == np.int64 else np.float32)
+  return {k: np.array(v, np.int64 if v.dtype == np.int64 else np.float32, order='C')
           for k, v in state_dict.items()}
 
 

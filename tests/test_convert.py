@@ -69,6 +69,23 @@ def test_from_torchvision_recovers_variables_from_numpy_state_dict(name, legacy)
   assert_trees_equal(convert.from_torchvision(state_dict), variables)
 
 
+@pytest.mark.parametrize('name', ['densenet121', 'densenet161'])
+def test_to_torchvision_inverts_from_torchvision(name):
+  """to_torchvision (the export's mapping) gives the state_dict of the tests' own, separately
+  written mapping (helpers.torchvision_state_dict), and from_torchvision reads it back."""
+  variables = helpers.random_variables(name, np.random.default_rng(0))
+  state_dict = convert.to_torchvision(variables)
+  expected = helpers.torchvision_state_dict(variables)
+  assert state_dict.keys() == expected.keys()
+  for key, value in state_dict.items():
+    if key.endswith('num_batches_tracked'):
+      assert value.dtype == np.int64 and value.shape == ()
+    else:
+      assert value.dtype == np.float32 and value.flags.c_contiguous
+      np.testing.assert_array_equal(value, expected[key], err_msg=key)
+  assert_trees_equal(convert.from_torchvision(state_dict), variables)
+
+
 def test_from_torchvision_rejects_foreign_state_dicts():
   state_dict = helpers.torchvision_state_dict(
       helpers.random_variables('densenet121', np.random.default_rng(0)))
@@ -166,6 +183,26 @@ def test_load_pretrained_reads_saved_keras_model(keras_densenet121, tmp_path):
   assert_trees_equal(variables, convert.from_keras(keras_densenet121))
 
 
+def test_to_keras_inverts_from_keras(keras_densenet121):
+  """Our variables written into a new Keras DenseNet-121 (the export's keras.weights.h5) give
+  back the original model's weights: all bitwise, but the BN variances, whose epsilon fold is
+  undone in float64 and rounded twice to float32 (at most 1 ulp each way)."""
+  keras = pytest.importorskip('keras')
+  original = keras_densenet121
+  fresh = keras.applications.DenseNet121(
+      weights=None, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), classes=NUM_CLASSES,
+      classifier_activation=None)
+  convert.to_keras(convert.from_keras(original), fresh)
+  for ours, theirs in zip(fresh.layers, original.layers):
+    for got, expected, variable in zip(ours.get_weights(), theirs.get_weights(), theirs.weights):
+      if 'moving_variance' in variable.path:
+        np.testing.assert_array_max_ulp(got, expected, maxulp=2)
+      else:
+        np.testing.assert_array_equal(got, expected, err_msg=variable.path)
+  with pytest.raises(ValueError, match=r'block sizes \(6, 12, 24, 16\), the variables'):
+    convert.to_keras(helpers.random_variables('densenet169', np.random.default_rng(0)), fresh)
+
+
 def test_from_keras_rejects_other_models():
   keras = pytest.importorskip('keras')
   model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
@@ -211,6 +248,32 @@ def test_from_torchvision_gives_torchvision_logits(name):
   assert any(key.endswith('num_batches_tracked') for key in state_dict)
   assert convert.torchvision_model_name(state_dict) == name
   assert_same_logits(name, convert.from_torchvision(state_dict), images, expected)
+
+
+def test_features_equal_torchvision_intermediate_activations():
+  """`features` at the points feature_info names equal torchvision's activations there (forward
+  hooks on features.denseblockN and features.norm5)."""
+  model, torch = torchvision_densenet('densenet121')
+  images = random_images(np.random.default_rng(5))
+  activations = {}
+  ours = models.create_model('densenet121', num_classes=NUM_CLASSES)
+  for info in ours.feature_info:
+    module = model.get_submodule(info.torchvision_module)
+    module.register_forward_hook(
+        lambda _, __, output, name=info.torchvision_module: activations.update(
+            {name: output.numpy().transpose(0, 2, 3, 1)}))
+  with torch.no_grad():
+    model(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  variables = convert.from_torchvision(model.state_dict())
+  features = jax.jit(functools.partial(ours.apply, method='features'))(variables, images)
+  assert len(features) == len(activations) == 4
+  for info, got in zip(ours.feature_info, features):
+    expected = activations[info.torchvision_module]
+    assert got.shape == expected.shape == (2, IMAGE_SIZE // info.stride,
+                                           IMAGE_SIZE // info.stride, info.channels)
+    difference, scale = np.abs(np.asarray(got) - expected).max(), np.abs(expected).max()
+    print(f'{info.name}: max |difference| {difference:.3g}, scale {scale:.3g}')
+    assert difference <= 1e-4 * scale
 
 
 def test_from_torchvision_reads_legacy_names_and_pth_files(tmp_path):

@@ -28,6 +28,8 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
 
 from experiments import tiny_tfds
 import helpers
@@ -177,6 +179,49 @@ def test_evaluate_mode_scores_the_checkpoint_as_training_did(digits_run):
   log = helpers.run_main([*DIGITS, f'--workdir={workdir}', '--mode=evaluate',
                           '--config.eval_checkpoint=latest'], 2, data_dir)
   assert f'test (360 images, step 66): top1_error {100 * error:.2f}%' in log
+
+
+def test_embed_and_export_a_run_from_the_command_line(tmp_path, digits_run):
+  """--mode=embed writes the features of the images that decode and the list of their files;
+  --mode=export writes the run's best checkpoint, and refuses to overwrite without
+  --overwrite."""
+  _, workdir, _ = digits_run
+  images = tmp_path / 'images'
+  images.mkdir()
+  for i, digit in enumerate(load_digits().images[:3].astype(np.uint8)):  # pixels 0..16
+    Image.fromarray(digit).save(images / f'{i}.png')
+  (images / 'broken.png').write_bytes(b'not a png')
+  embeddings = tmp_path / 'out' / 'embeddings.npy'
+  proc = main_py([*DIGITS, f'--workdir={workdir}', '--mode=embed', f'--images={images}',
+                  f'--embeddings={embeddings}'], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'unreadable: {images / "broken.png"}' in proc.stdout
+  assert np.load(embeddings).shape[0] == 3
+  assert (tmp_path / 'out' / 'embeddings.files.txt').read_text().splitlines() == [
+      str(images / f'{i}.png') for i in range(3)]
+
+  export = [*DIGITS, f'--workdir={workdir}', '--mode=export', f'--export_dir={tmp_path / "x"}',
+            '--export_formats=jax']
+  proc = main_py(export, tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  meta = json.loads((tmp_path / 'x' / 'classes.json').read_text())
+  best = min(json.loads((workdir / 'results.json').read_text())['history'],
+             key=lambda h: h['eval']['test']['top1_error'])
+  assert meta['source']['step'] == best['step'] and sorted(os.listdir(tmp_path / 'x')) == [
+      'classes.json', 'model.jax']
+  proc = main_py(export, tmp_path)
+  assert proc.returncode == 1 and 'exists; choose another or pass --overwrite' in proc.stderr
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--mode=export'], '--mode=export needs --export_dir=DIR'),
+    (['--mode=embed'], '--mode=embed needs --images=PATH'),
+    (['--mode=export', '--export_dir=x'], '--mode=export needs --workdir=RUN'),
+])
+def test_inference_modes_name_what_they_lack(tmp_path, args, message):
+  proc = main_py([*DIGITS, *args], tmp_path)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+      f'main.py: error: {message}'), proc.stderr[-2000:]
 
 
 @pytest.mark.slow

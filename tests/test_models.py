@@ -161,6 +161,44 @@ def test_output_shapes_and_spatial_sizes_of_both_stems():
   assert sizes == [28, 14, 7]
 
 
+@pytest.mark.parametrize('stem,size,block_sizes', [('cifar', 16, (2, 1, 2)),
+                                                   ('imagenet', 64, (1, 2, 1, 1))])
+def test_features_are_as_feature_info_says_and_feed_the_head(stem, size, block_sizes):
+  """Each stage has feature_info's channels and stride; the last is the head's BN output, so
+  the headless model outputs mean(relu(last stage)) and the logits are that times the
+  classifier. Tolerance: 8 float32 ulps of the values' scale (sums of the same products in
+  another order)."""
+  model = tiny(stem=stem, block_sizes=block_sizes, bottleneck=True, compression=0.5)
+  x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+  variables = helpers.init(model, jax.random.key(0), x)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda v: v + rng.uniform(0.1, 0.5, v.shape).astype(v.dtype),
+                           variables)  # BN away from the identity, a classifier that is not 0
+  features = apply(model, variables, x, method='features')
+  info = model.feature_info
+  assert [i.name for i in info][-1] == 'head_norm' and len(info) == len(block_sizes)
+  assert [f.shape for f in features] == [(2, size // i.stride, size // i.stride, i.channels)
+                                         for i in info]
+  assert [i.stride for i in info] == ([4, 8, 16, 32] if stem == 'imagenet' else [1, 2, 4])
+  assert model.num_features == info[-1].channels
+
+  headless = model.clone(num_classes=0)
+  shapes = costs.init_shapes(headless, size)
+  assert 'classifier' not in shapes['params']
+  params = {k: v for k, v in variables['params'].items() if k != 'classifier'}
+  assert jax.tree.map(np.shape, shapes['params']) == jax.tree.map(np.shape, params)
+  pooled = np.asarray(apply(headless, {**variables, 'params': params}, x))
+  expected = np.asarray(jnp.maximum(features[-1], 0).mean(axis=(1, 2)))
+  assert pooled.shape == (2, model.num_features)
+  ulp = np.finfo(np.float32).eps * np.abs(expected).max()
+  np.testing.assert_allclose(pooled, expected, rtol=0, atol=8 * ulp)
+  classifier = variables['params']['classifier']
+  logits = np.asarray(apply(model, variables, x))
+  by_hand = pooled @ np.asarray(classifier['kernel']) + np.asarray(classifier['bias'])
+  np.testing.assert_allclose(logits, by_hand, rtol=0,
+                             atol=8 * np.finfo(np.float32).eps * np.abs(by_hand).max())
+
+
 def test_stem_uses_symmetric_torch_padding_not_same():
   model = tiny(stem='imagenet', block_sizes=(1,), bottleneck=True)
   x = jax.random.normal(jax.random.key(1), (1, 16, 16, 3))

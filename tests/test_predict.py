@@ -18,6 +18,7 @@ from configs import digits
 from densenet_jax import checkpoints, predict, run_setup, steps
 from densenet_jax.datasets import SPECS
 from densenet_jax.settings import ModelSettings
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = [f'digit {d}' for d in range(10)]
@@ -95,6 +96,28 @@ print(json.dumps({{'loaded': loaded, 'files': predictions.files,
   # float32 softmax of float32 logits: a few ulps of 1.
   np.testing.assert_allclose(out['probabilities'], np.take_along_axis(probabilities, order, 1),
                              rtol=1e-5)
+
+
+def test_embeddings_are_the_classifiers_input(run, tmp_path):
+  """embed's features times the checkpoint's classifier are the model's logits (to the
+  rounding bound of that matmul), in the order of the files that decoded; save writes the
+  .npy and the list of its rows' files."""
+  workdir, images, files, logits = run
+  config = digits.get_config()
+  config.model.depth, config.model.growth_rate, config.image_size = 10, 4, 8
+  embeddings = predict.embed(config, str(workdir), [str(images)])
+  assert embeddings.files == [str(f) for f in files]
+  assert [f for f, _ in embeddings.unreadable] == [str(images / 'broken.png')]
+  _, state, _ = helpers.last_checkpoint(str(workdir))
+  kernel, bias = state['params']['classifier']['kernel'], state['params']['classifier']['bias']
+  features = embeddings.features
+  assert features.dtype == np.float32 and features.shape == (len(files), kernel.shape[0])
+  bound = kernel.shape[0] * np.finfo(np.float32).eps * (np.abs(features) @ np.abs(kernel)
+                                                          + np.abs(bias)).max()
+  np.testing.assert_allclose(features @ kernel + bias, logits, rtol=0, atol=bound)
+  embeddings.save(str(tmp_path / 'e.npy'))
+  np.testing.assert_array_equal(np.load(tmp_path / 'e.npy'), features)
+  assert (tmp_path / 'e.files.txt').read_text().splitlines() == embeddings.files
 
 
 def test_image_files_walk_folders_sorted_and_name_a_missing_path(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from densenet_jax import convert, errors, inference, models, weight_sources
+from densenet_jax import convert, costs, errors, inference, models, weight_sources
 import helpers
 
 
@@ -109,3 +109,20 @@ def test_imported_weights_with_other_classes_get_a_new_head(keras_file):
       imported['params']['block4']['layer16']['composite']['conv']['kernel'])
   np.testing.assert_array_equal(loaded['batch_stats']['head_norm']['var'],
                                 imported['batch_stats']['head_norm']['var'])
+
+
+def test_headless_models_take_all_but_the_classifier_and_give_a_new_head():
+  """fit into a headless model (num_classes=0) loads every other variable; weights without a
+  classifier (a headless model's) load into a model with one, which keeps its own head."""
+  with_head = helpers.random_variables('densenet121', np.random.default_rng(0))
+  zeros = lambda shapes: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  headless = zeros(costs.init_shapes(models.create_model('densenet121', num_classes=0), 224))
+  fitted = weight_sources.fit('run', with_head, headless)
+  assert 'classifier' not in fitted['params']
+  expected = {'params': {k: v for k, v in with_head['params'].items() if k != 'classifier'},
+              'batch_stats': with_head['batch_stats']}
+  helpers.assert_bitwise_equal(fitted, expected)
+  own = zeros(costs.init_shapes(models.create_model('densenet121', num_classes=10), 224))
+  fitted = weight_sources.fit('run', expected, own)
+  assert fitted['params']['classifier'] is own['params']['classifier']
+  helpers.assert_bitwise_equal(fitted['params']['block4'], with_head['params']['block4'])
