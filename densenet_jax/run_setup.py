@@ -127,5 +127,7 @@ def inference_state(settings: RunSettings, workdir: Optional[str],
     raise RunError(f'nothing to evaluate: no checkpoint in workdir={workdir!r} and no '
                    'config.init_from')
   loaded = weight_sources.read(settings.init_from, shapes)  # fails, if at all, before compiling
-  variables = weight_sources.fit(settings.init_from, loaded, init())
+  # The model's initial values are needed only for a new head (init compiles the whole model).
+  like = shapes if weight_sources.takes_loaded_head(loaded, shapes) else init()
+  variables = weight_sources.fit(settings.init_from, loaded, like)
   return inference.InferenceState(step=0, apply_fn=model.apply, **variables)

@@ -104,20 +104,32 @@ def load_into(init_from: str, variables: dict) -> dict:
   return fit(init_from, read(init_from, variables), variables)
 
 
+def _head_shapes(params: dict):
+  head = params.get('classifier')
+  return None if head is None else jax.tree.map(np.shape, dict(head))
+
+
+def takes_loaded_head(loaded: dict, like: dict) -> bool:
+  """Whether the model (variables or their shapes `like`) takes `loaded`'s classifier: both
+  have one, of the same shape. Else `fit` keeps the model's own (or it has none)."""
+  head = _head_shapes(loaded['params'])
+  return head is not None and head == _head_shapes(like['params'])
+
+
 def fit(init_from: str, loaded: dict, variables: dict) -> dict:
   """`loaded` (init_from's weights, `read`) in place of the model's `variables`.
 
   A classifier of another shape (another number of classes) is not loaded: the model's freshly
   initialized head is kept (fine-tuning). A headless model (num_classes=0) takes everything but
-  the classifier.
+  the classifier. `variables` may be shapes (jax.ShapeDtypeStruct) where `takes_loaded_head`.
   """
   params, batch_stats = dict(loaded['params']), dict(loaded['batch_stats'])
   model_head = variables['params'].get('classifier')
   head = params.pop('classifier', None)
-  if model_head is None:
-    logging.info('Headless model: the classifier of %s is not loaded.', init_from)
-  elif head is not None and jax.tree.map(np.shape, head) == jax.tree.map(np.shape, model_head):
+  if takes_loaded_head(loaded, variables):
     params['classifier'] = head
+  elif model_head is None:
+    logging.info('Headless model: the classifier of %s is not loaded.', init_from)
   else:
     logging.info('%s has %s, the model %d classes: new classifier.', init_from,
                  'no classifier' if head is None else f'a {head["kernel"].shape[-1]}-class one',

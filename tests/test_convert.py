@@ -260,8 +260,8 @@ def test_features_equal_torchvision_intermediate_activations():
   for info in ours.feature_info:
     module = model.get_submodule(info.torchvision_module)
     module.register_forward_hook(
-        lambda _, __, output, name=info.torchvision_module: activations.update(
-            {name: output.numpy().transpose(0, 2, 3, 1)}))
+        lambda _, __, output, name=info.torchvision_module: activations.update(  # a copy:
+            {name: output.numpy().transpose(0, 2, 3, 1).copy()}))  # relu(inplace) follows norm5
   with torch.no_grad():
     model(torch.from_numpy(images.transpose(0, 3, 1, 2)))
   variables = convert.from_torchvision(model.state_dict())

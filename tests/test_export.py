@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from configs import digits, finetune
+from configs import digits, finetune, imagenet_densenet121
 from densenet_jax import checkpoints, export, inference, predict, run_setup, steps
 from densenet_jax.settings import ModelSettings, RunSettings
 
@@ -240,3 +240,64 @@ def test_bad_exports_fail_before_writing_and_leave_nothing(photo_run, tmp_path, 
   export.export(settings, workdir, str(taken), ['jax'], overwrite=True)
   assert sorted(os.listdir(taken)) == ['classes.json', 'model.jax']
   assert sorted(os.listdir(tmp_path)) == ['taken']
+
+
+KERAS_PROCESS = r'''
+import json, os, sys
+sys.modules['densenet_jax'] = None
+import numpy as np
+import keras
+export_dir, images_npy, out = sys.argv[1:4]
+meta = json.load(open(os.path.join(export_dir, 'classes.json')))
+loader = meta['files']['keras.weights.h5']
+assert loader.startswith('keras.applications.DenseNet121(weights=None, classes=1000)'), loader
+model = keras.applications.DenseNet121(weights=None, classes=1000, classifier_activation=None)
+model.load_weights(os.path.join(export_dir, 'keras.weights.h5'))
+images = np.load(images_npy)
+n = meta['eval_transform']['normalization']
+x = (images / n['scale'] - np.array(n['mean'])) / np.array(n['std'])
+np.savez(out, logits=np.asarray(model(x.astype(np.float32), training=False)),
+         **{f'w{i}': w for i, w in enumerate(model.get_weights())})
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # Keras's model.save
+def test_keras_export_loads_into_keras_applications_in_a_fresh_process(keras_file, tmp_path):
+  """A Keras DenseNet-121 (random weights and BN statistics) imported by init_from and exported
+  as keras.weights.h5 is, in keras.applications.DenseNet121 of a process without densenet_jax,
+  the same model: the same weights (BN variances within 2 ulps: the epsilon fold and its
+  undoing) and its logits on photos within ten times Keras's own float32 error (float64)."""
+  path, original = keras_file
+  config = imagenet_densenet121.get_config()
+  config.init_from = path
+  written = export.export(RunSettings.from_config(config), None, str(tmp_path / 'x'), ['keras'])
+  assert sorted(os.path.basename(p) for p in written) == ['classes.json', 'keras.weights.h5']
+  meta = json.loads((tmp_path / 'x' / 'classes.json').read_text())
+  assert meta['source']['init_from'] == path and len(meta['class_names']) == 1000
+
+  photos = [np.asarray(Image.fromarray(p).resize((224, 224))) for p in load_sample_images().images]
+  np.save(tmp_path / 'images.npy', np.stack(photos))
+  run_fresh(KERAS_PROCESS, tmp_path / 'x', tmp_path / 'images.npy', tmp_path / 'out.npz')
+  with np.load(tmp_path / 'out.npz') as out:
+    logits, weights = out['logits'], [out[f'w{i}'] for i in range(len(out.files) - 1)]
+  for got, expected, variable in zip(weights, original.get_weights(), original.weights):
+    if 'moving_variance' in variable.path:
+      np.testing.assert_array_max_ulp(got, expected, maxulp=2)
+    else:
+      np.testing.assert_array_equal(got, expected, err_msg=variable.path)
+  n = meta['eval_transform']['normalization']
+  x = (np.stack(photos) / n['scale'] - np.array(n['mean'])) / np.array(n['std'])
+  expected = np.asarray(original(x.astype(np.float32), training=False))
+  keras = pytest.importorskip('keras')
+  policy = keras.config.dtype_policy()
+  keras.config.set_dtype_policy('float64')
+  try:
+    original64 = keras.applications.DenseNet121(weights=None, classifier_activation=None)
+  finally:
+    keras.config.set_dtype_policy(policy)
+  original64.set_weights([np.float64(w) for w in original.get_weights()])
+  noise = np.abs(expected - np.asarray(original64(x, training=False))).max()
+  print(f'keras.weights.h5: max |logits - original| {np.abs(logits - expected).max():.3g}, '
+        f'Keras float32 error {noise:.3g}')
+  assert np.abs(logits - expected).max() <= 10 * noise
