@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from densenet_jax import architectures, convert, errors, models, predict, run_setup
 from densenet_jax.settings import RunSettings
@@ -139,6 +140,30 @@ def write_saved_model(path: str, data, state, shape: tuple):
   module.serve_images, module.serve_encoded = serve_images, serve_encoded
   tf.saved_model.save(module, path, signatures={'serving_default': serve_images,
                                                 'serve_encoded': serve_encoded})
+  check_saved_model(path, shape)
+
+
+class SavedModelUnsupported(ExportError):
+  """This TensorFlow cannot run the StableHLO that this JAX serializes."""
+
+
+def check_saved_model(path: str, shape: tuple):
+  """Loads the SavedModel and scores one blank image on the CPU, as a user would: raises
+  SavedModelUnsupported where TensorFlow cannot deserialize what JAX wrote. (jax 0.12 writes its
+  batch-size check as a StableHLO custom call newer than TensorFlow 2.21 reads.)"""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  signature = tf.saved_model.load(path).signatures['serving_default']
+  try:
+    with tf.device('/CPU:0'):
+      signature(images=tf.zeros((1, *shape), tf.uint8))
+  except tf.errors.InvalidArgumentError as e:
+    if 'deserialize' not in str(e):
+      raise
+    raise SavedModelUnsupported(
+        f'TensorFlow {tf.__version__} cannot run the SavedModel that jax {jax.__version__} '
+        'serializes (its StableHLO is newer than this TensorFlow reads); install a TensorFlow '
+        'released after this JAX, or an older JAX, or leave saved_model out with '
+        '--export_formats') from None
 
 
 def write_torchvision(path: str, variables: dict):
@@ -193,7 +218,7 @@ def _versions() -> dict:
 
 
 def metadata(data, state, settings: RunSettings, workdir: Optional[str], formats,
-             model: models.DenseNet) -> dict:
+             model: models.DenseNet, skipped: dict) -> dict:
   info, view, shape = data.info, data.view, input_shape(data)
   scale, mean, std = info.normalization
   return {
@@ -212,6 +237,7 @@ def metadata(data, state, settings: RunSettings, workdir: Optional[str], formats
       'outputs': 'logits (float32, before softmax)',
       'jax_export_platforms': list(PLATFORMS),
       'files': loaders(formats, model),
+      'not_written': skipped,  # {format: why}, of the formats a default export leaves out
       'versions': _versions(),
   }
 
@@ -232,18 +258,27 @@ def export(settings: RunSettings, workdir: Optional[str], export_dir: str,
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 -> what os.mkdir would have made
+  skipped = {}
   try:
     if 'jax' in formats:
       with open(os.path.join(staging, FILES['jax']), 'wb') as f:
         f.write(jax_export(logits_function(data, state), shape))
     if 'saved_model' in formats:
-      write_saved_model(os.path.join(staging, FILES['saved_model']), data, state, shape)
+      try:
+        write_saved_model(os.path.join(staging, FILES['saved_model']), data, state, shape)
+      except SavedModelUnsupported as e:
+        if requested_formats:
+          raise
+        logging.warning('No SavedModel: %s', e)
+        shutil.rmtree(os.path.join(staging, FILES['saved_model']))
+        skipped['saved_model'] = str(e)
+        formats = tuple(f for f in formats if f != 'saved_model')
     if 'torchvision' in formats:
       write_torchvision(os.path.join(staging, FILES['torchvision']), variables)
     if 'keras' in formats:
       write_keras(os.path.join(staging, FILES['keras']), variables, _name(model))
     with open(os.path.join(staging, METADATA_FILE), 'w') as f:
-      json.dump(metadata(data, state, settings, workdir, formats, model), f, indent=1)
+      json.dump(metadata(data, state, settings, workdir, formats, model, skipped), f, indent=1)
     _replace(staging, export_dir)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)

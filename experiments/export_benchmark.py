@@ -10,8 +10,8 @@ wall-clock time of a call, after one warm-up call (which compiles):
               (predict pads every batch to 32 images, so a single image costs it a batch of 32)
   jax.export  jax.export.deserialize(model.jax).call(images)
   SavedModel  tf.saved_model.load(saved_model).signatures['serving_default'](images=...)
-plus each artifact's size, the largest logit difference from predict, and what the TFLite
-converter says of the SavedModel.
+plus each artifact's size, the largest logit difference from predict (relative to the largest
+logit), and what the TFLite converter says of the SavedModel (its own messages go to stderr).
 """
 
 import argparse
@@ -88,7 +88,7 @@ def main():
             s(images=tf.constant(x))['logits'].numpy(),
     }
     print('| batch | ' + ' | '.join(f'{name} ms' for name in runners)
-          + ' | max abs logit difference from predict |')
+          + ' | max logit difference from predict / max logit |')
     print('|---|' + '---|' * (len(runners) + 1))
     rng = np.random.default_rng(0)
     for batch in (1, 32):
@@ -97,7 +97,7 @@ def main():
       reference = results['predict'][1]
       difference = max(np.abs(out - reference).max() for _, out in results.values())
       print(f'| {batch} | ' + ' | '.join(f'{t * 1e3:.0f}' for t, _ in results.values())
-            + f' | {difference:.2g} |')
+            + f' | {difference / np.abs(reference).max():.2g} |')
 
     print(f'\nmodel.jax: {size(jax_path) / 1e6:.1f} MB (written in {jax_seconds:.1f} s); '
           f'saved_model/: {size(saved_path) / 1e6:.1f} MB (written in {saved_seconds:.1f} s); '
