@@ -127,7 +127,8 @@ def forward(spec: BlockSpec, x0, params, keys, statistics=None):
   buffer = lax.dynamic_update_slice(buffer, x0.astype(spec.dtype), (0, 0, 0, 0))
   moments, kept = [], []
   for layer in range(spec.num_layers):
-    x = buffer[..., :spec.channels_in(c0, layer)]
+    # lax.slice: indexing lowers to a gather under a symbolic batch size (jax.export).
+    x = lax.slice_in_dim(buffer, 0, spec.channels_in(c0, layer), axis=-1)
     layer_moments, layer_kept = [], []
     for unit, (scale, bias, kernel) in enumerate(params[layer]):
       if statistics is None:
