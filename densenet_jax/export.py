@@ -149,8 +149,8 @@ class SavedModelUnsupported(ExportError):
 
 def check_saved_model(path: str, shape: tuple):
   """Loads the SavedModel and scores one blank image on the CPU, as a user would: raises
-  SavedModelUnsupported where TensorFlow cannot deserialize what JAX wrote. (jax 0.12 writes its
-  batch-size check as a StableHLO custom call newer than TensorFlow 2.21 reads.)"""
+  SavedModelUnsupported where TensorFlow cannot deserialize what JAX wrote. (jax 0.11.2 and 0.12
+  write their batch-size check as a StableHLO custom call newer than TensorFlow 2.21 reads.)"""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   signature = tf.saved_model.load(path).signatures['serving_default']
   try:

@@ -103,13 +103,35 @@ def main():
           f'saved_model/: {size(saved_path) / 1e6:.1f} MB (written in {saved_seconds:.1f} s); '
           f'parameters + BN statistics: '
           f'{sum(x.size * 4 for x in jax.tree.leaves(variables)) / 1e6:.1f} MB as float32')
-    try:
-      tflite = tf.lite.TFLiteConverter.from_saved_model(saved_path).convert()
-      print(f'TFLite converter: converted, {len(tflite) / 1e6:.1f} MB')
-    except Exception as e:  # pylint: disable=broad-except  (report whatever it says)
-      lines = [line for line in str(e).splitlines() if line.strip()]
-      print(f'TFLite converter: {type(e).__name__}: ' + ' / '.join(lines[:3])[:600])
+    tflite_report(tf, saved_path, images[:1], results['predict'][1][:1])
 
+
+def tflite_report(tf, saved_path: str, image: np.ndarray, logits: np.ndarray):
+  """What the TFLite converter says of the SavedModel: both signatures with TFLite's builtin ops,
+  with TF Select ops, and serving_default alone; a model it converts scores one image."""
+  attempts = (('both signatures, builtin ops', None, False),
+              ('both signatures, builtin + TF Select ops', None, True),
+              ('serving_default alone, builtin ops', ['serving_default'], False))
+  for label, keys, select in attempts:
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_path, signature_keys=keys)
+    if select:
+      converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                             tf.lite.OpsSet.SELECT_TF_OPS]
+    try:
+      flatbuffer = converter.convert()
+    except Exception as e:  # pylint: disable=broad-except  (report whatever it says)
+      messages = [line.strip() for line in str(e).splitlines() if 'error' in line.lower()]
+      print(f'TFLite, {label}: {type(e).__name__}: ' + ' / '.join(messages[:2])[:500])
+      continue
+    interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    try:
+      runner = interpreter.get_signature_runner('serving_default')
+      got = runner(images=image)['logits']
+      print(f'TFLite, {label}: converted ({len(flatbuffer) / 1e6:.1f} MB); one image: max logit '
+            f'difference from predict / max logit {np.abs(got - logits).max() / np.abs(logits).max():.2g}')
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'TFLite, {label}: converted ({len(flatbuffer) / 1e6:.1f} MB), but running it: '
+            f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
 
 if __name__ == '__main__':
   main()

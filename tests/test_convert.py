@@ -252,7 +252,8 @@ def test_from_torchvision_gives_torchvision_logits(name):
 
 def test_features_equal_torchvision_intermediate_activations():
   """`features` at the points feature_info names equal torchvision's activations there (forward
-  hooks on features.denseblockN and features.norm5)."""
+  hooks on features.denseblockN and features.norm5), within ten times torchvision's own float32
+  error (against itself in float64)."""
   model, torch = torchvision_densenet('densenet121')
   images = random_images(np.random.default_rng(5))
   activations = {}
@@ -262,18 +263,22 @@ def test_features_equal_torchvision_intermediate_activations():
     module.register_forward_hook(
         lambda _, __, output, name=info.torchvision_module: activations.update(  # a copy:
             {name: output.numpy().transpose(0, 2, 3, 1).copy()}))  # relu(inplace) follows norm5
-  with torch.no_grad():
-    model(torch.from_numpy(images.transpose(0, 3, 1, 2)))
   variables = convert.from_torchvision(model.state_dict())
+  with torch.no_grad():  # torchvision in float64: the reference; in float32: its own error
+    model.double()(torch.from_numpy(images.transpose(0, 3, 1, 2)).double())
+    reference = dict(activations)
+    model.float()(torch.from_numpy(images.transpose(0, 3, 1, 2)))
   features = jax.jit(functools.partial(ours.apply, method='features'))(variables, images)
   assert len(features) == len(activations) == 4
   for info, got in zip(ours.feature_info, features):
-    expected = activations[info.torchvision_module]
+    expected = reference[info.torchvision_module]
     assert got.shape == expected.shape == (2, IMAGE_SIZE // info.stride,
                                            IMAGE_SIZE // info.stride, info.channels)
-    difference, scale = np.abs(np.asarray(got) - expected).max(), np.abs(expected).max()
-    print(f'{info.name}: max |difference| {difference:.3g}, scale {scale:.3g}')
-    assert difference <= 1e-4 * scale
+    error = np.abs(np.asarray(got) - expected).max()
+    noise = np.abs(activations[info.torchvision_module] - expected).max()
+    print(f'{info.name}: max |ours - torchvision float64| {error:.3g}, torchvision float32 '
+          f'{noise:.3g}')
+    assert 0 < noise and error <= 10 * noise
 
 
 def test_from_torchvision_reads_legacy_names_and_pth_files(tmp_path):
