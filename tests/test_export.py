@@ -167,7 +167,7 @@ def test_exports_score_photos_as_predict_in_a_process_without_densenet_jax(photo
   export_dir = tmp_path / 'export'
   written = export.export(RunSettings.from_config(config), workdir, str(export_dir))
   meta = json.loads((export_dir / 'classes.json').read_text())
-  # jax 0.12's SavedModel is beyond TensorFlow 2.21 (export.check_saved_model): left out, said.
+  # jax 0.11.2's and 0.12's SavedModels are beyond TensorFlow 2.21 (export.check_saved_model).
   saved_model = 'saved_model' not in meta['not_written']
   assert saved_model or 'cannot run the SavedModel' in meta['not_written']['saved_model']
   expected = {'model.jax', 'classes.json'} | ({'saved_model'} if saved_model else set()) | (
