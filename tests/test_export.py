@@ -1,6 +1,7 @@
 """--mode=export: each file loads in a fresh process where densenet_jax cannot be imported and
 scores real photos (scikit-learn's) as --mode=predict does; what cannot be exported is refused
-before anything is written, and a failed export leaves nothing behind.
+before anything is written, and a failed export leaves nothing behind. (keras.weights.h5 of
+published weights: test_finetune.py; the Keras and torchvision layouts: test_convert.py.)
 
 The reference logits are predict's function (float32); the tolerance is ten times the float32
 error of those logits, measured against the same model in float64.
@@ -20,9 +21,10 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from configs import digits, finetune, imagenet_densenet121
+from configs import digits, finetune
 from densenet_jax import checkpoints, export, inference, predict, run_setup, steps
 from densenet_jax.settings import ModelSettings, RunSettings
+import helpers
 
 CLASS_NAMES = [f'class {c}' for c in 'abcdef']
 SIZE = 32
@@ -130,14 +132,6 @@ np.savez(out, **results, class_names=np.array(meta['class_names']))
 '''
 
 
-def run_fresh(script, *args):
-  """Runs `script` in a new interpreter whose sys.path has neither the repository nor the
-  current directory (-I, cwd elsewhere)."""
-  proc = subprocess.run([sys.executable, '-I', '-c', script, *map(str, args)], cwd='/',
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-
-
 def _reference(config, workdir, files):
   """(uint8 eval images as predict makes them, predict's logits, float32 noise floor)."""
   settings = RunSettings.from_config(config)
@@ -189,7 +183,7 @@ def test_exports_score_photos_as_predict_in_a_process_without_densenet_jax(photo
                                 predictions.top_classes)
 
   np.save(tmp_path / 'images.npy', images)
-  run_fresh(FRESH_PROCESS, export_dir, tmp_path / 'images.npy', ','.join(files),
+  helpers.run_fresh(FRESH_PROCESS, export_dir, tmp_path / 'images.npy', ','.join(files),
             tmp_path / 'out.npz', *(['--torchvision'] if HAS_TORCHVISION else []))
   with np.load(tmp_path / 'out.npz') as out:
     results = {k: out[k] for k in out.files}
@@ -246,78 +240,3 @@ def test_bad_exports_fail_before_writing_and_leave_nothing(photo_run, tmp_path, 
   export.export(settings, workdir, str(taken), ['jax'], overwrite=True)
   assert sorted(os.listdir(taken)) == ['classes.json', 'model.jax']
   assert sorted(os.listdir(tmp_path)) == ['taken']
-
-
-KERAS_PROCESS = r'''
-import json, os, sys
-sys.modules['densenet_jax'] = None
-import numpy as np
-import keras
-export_dir, images_npy, out = sys.argv[1:4]
-meta = json.load(open(os.path.join(export_dir, 'classes.json')))
-loader = meta['files']['keras.weights.h5']
-assert loader.startswith('keras.applications.DenseNet121(weights=None, classes=1000)'), loader
-model = keras.applications.DenseNet121(weights=None, classes=1000, classifier_activation=None)
-model.load_weights(os.path.join(export_dir, 'keras.weights.h5'))
-images = np.load(images_npy)
-n = meta['eval_transform']['normalization']
-x = (images / n['scale'] - np.array(n['mean'])) / np.array(n['std'])
-np.savez(out, logits=np.asarray(model(x.astype(np.float32), training=False)),
-         **{f'w{i}': w for i, w in enumerate(model.get_weights())})
-'''
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # Keras's model.save
-def test_keras_export_loads_into_keras_applications_in_a_fresh_process(keras_file, tmp_path):
-  """A Keras DenseNet-121 (random weights and BN statistics) imported by init_from and exported
-  as keras.weights.h5: keras.applications.DenseNet121, in a process without densenet_jax, holds
-  the original's weights (BN variances within 2 ulps: the epsilon fold and its undoing) and
-  scores photos as predict does: the same top-5, and both within ten times Keras's own float32
-  error of the original model in float64. No ImageNet is prepared (its class names ship)."""
-  path, original = keras_file
-  config = imagenet_densenet121.get_config()
-  config.init_from = path
-  settings = RunSettings.from_config(config)
-  written = export.export(settings, None, str(tmp_path / 'x'), ['keras'])
-  assert sorted(os.path.basename(p) for p in written) == ['classes.json', 'keras.weights.h5']
-  meta = json.loads((tmp_path / 'x' / 'classes.json').read_text())
-  assert meta['source']['init_from'] == path and len(meta['class_names']) == 1000
-
-  files = []
-  for i, photo in enumerate(load_sample_images().images):
-    files.append(str(tmp_path / f'{i}.jpg'))
-    Image.fromarray(photo).save(files[-1])
-  data, state = predict.inference_model(settings, None)
-  _, images, _ = predict._load(files, data.eval_preprocessor())  # pylint: disable=protected-access
-  images = np.stack(images)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  predicted = np.asarray(jax.jit(predict.on_uint8_images(data, state))(variables, images))
-  np.save(tmp_path / 'images.npy', images)
-  run_fresh(KERAS_PROCESS, tmp_path / 'x', tmp_path / 'images.npy', tmp_path / 'out.npz')
-  with np.load(tmp_path / 'out.npz') as out:
-    logits, weights = out['logits'], [out[f'w{i}'] for i in range(len(out.files) - 1)]
-  for got, expected, variable in zip(weights, original.get_weights(), original.weights):
-    if 'moving_variance' in variable.path:
-      np.testing.assert_array_max_ulp(got, expected, maxulp=2)
-    else:
-      np.testing.assert_array_equal(got, expected, err_msg=variable.path)
-
-  n = meta['eval_transform']['normalization']
-  x = (images / n['scale'] - np.array(n['mean'])) / np.array(n['std'])
-  keras = pytest.importorskip('keras')
-  policy = keras.config.dtype_policy()
-  keras.config.set_dtype_policy('float64')
-  try:
-    original64 = keras.applications.DenseNet121(weights=None, classifier_activation=None)
-  finally:
-    keras.config.set_dtype_policy(policy)
-  original64.set_weights([np.float64(w) for w in original.get_weights()])
-  reference = np.asarray(original64(x, training=False))
-  noise = np.abs(np.asarray(original(x.astype(np.float32), training=False)) - reference).max()
-  for name, got in (('keras.weights.h5', logits), ('predict', predicted)):
-    print(f'{name}: max |logits - Keras float64| {np.abs(got - reference).max():.3g} (Keras '
-          f'float32: {noise:.3g})')
-    assert np.abs(got - reference).max() <= 10 * noise, name
-  np.testing.assert_array_equal(np.argsort(-logits, 1, kind='stable')[:, :5],
-                                np.argsort(-predicted, 1, kind='stable')[:, :5])

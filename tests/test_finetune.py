@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import finetune, imagenet_densenet121
-from densenet_jax import augment, inference, predict, run_setup, settings, train
+from densenet_jax import augment, export, inference, predict, run_setup, settings, train
 from densenet_jax import preprocessing as pp
 from densenet_jax.datasets import SPECS
 from experiments import tiny_tfds
@@ -70,11 +70,12 @@ def test_prepare_finetune_and_predict_photos(server, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # Keras's own
-def test_predict_with_published_imagenet_weights_names_keras_top_classes(
+def test_published_weights_predict_and_export_as_keras_scores_them(
     server, tmp_path, monkeypatch):
   """--mode=predict without a run: config.init_from's 1000-class weights, ImageNet's class
   names and the weights' own eval transform (bilinear resize); the top classes are the Keras
-  model's own on the same input."""
+  model's own on the same input. --mode=export of the same weights for Keras (no ImageNet
+  prepared) scores as predict in keras.applications."""
   body, keras_model = helpers.keras_densenet121_weights(tmp_path)
   helpers.serve(server, monkeypatch, 'keras:densenet121', body)
   monkeypatch.setenv('DENSENET_JAX_WEIGHTS_DIR', str(tmp_path / 'weights'))
@@ -95,3 +96,19 @@ def test_predict_with_published_imagenet_weights_names_keras_top_classes(
   np.testing.assert_array_equal(predictions.top_classes, expected)
   names = dict(predict.shipped_classes(SPECS['imagenet2012']))
   assert predictions.class_names[expected[0, 0]] == list(names.values())[expected[0, 0]]
+
+  # The same weights exported for Keras load into keras.applications in a process without
+  # densenet_jax: predict's top classes, and the source model's logits within ten times Keras's
+  # own float32 error (against itself in float64). (Probabilities would not do: these random
+  # weights make softmax round to 0 and 1.)
+  written = export.export(settings.RunSettings.from_config(config), None,
+                          str(tmp_path / 'export'), ['keras'])
+  assert sorted(os.path.basename(p) for p in written) == ['classes.json', 'keras.weights.h5']
+  np.save(tmp_path / 'images.npy', images)
+  logits = helpers.keras_export_logits(tmp_path / 'export', tmp_path / 'images.npy')
+  np.testing.assert_array_equal(np.argsort(-logits, axis=1)[:, :3], predictions.top_classes)
+  reference = helpers.keras_float64_logits(keras_model, np.asarray(normalized))
+  noise = np.abs(np.asarray(keras_model(np.asarray(normalized), training=False)) - reference).max()
+  print(f'keras.weights.h5: max |logits - Keras float64| {np.abs(logits - reference).max():.3g}, '
+        f'Keras float32 {noise:.3g}')
+  assert 0 < noise and np.abs(logits - reference).max() <= 10 * noise
