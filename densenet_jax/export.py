@@ -17,6 +17,7 @@ uint8-to-logits function is predict's (`predict.on_uint8_images`), so an export 
 as --mode=predict does.
 """
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -111,9 +112,54 @@ def jax_export(fn, shape: tuple) -> bytes:
   return exported.serialize()
 
 
+def _tensorflow_stablehlo_version() -> Optional[str]:
+  """The newest StableHLO version this TensorFlow reads, or None where it does not say."""
+  try:
+    from tensorflow.compiler.mlir.stablehlo import stablehlo  # pylint: disable=import-outside-toplevel
+    return stablehlo.get_current_version()
+  except (ImportError, AttributeError):
+    return None
+
+
+@contextlib.contextmanager
+def stablehlo_readable_by_tensorflow():
+  """While active, jax.export (which jax2tf calls) writes StableHLO that this TensorFlow reads.
+
+  jax.export serializes for the StableHLO version of about four weeks before the JAX release;
+  a TensorFlow built before that cannot read it (TensorFlow 2.21 reads StableHLO 1.13.7; jax
+  0.11.2 and 0.12 write newer, e.g. the custom call of their batch-size check). JAX has no public
+  setting for the version, so the function its serializer asks for it is replaced here by one
+  that answers no newer than TensorFlow's. Where JAX's internals differ, nothing is replaced,
+  and check_saved_model says what TensorFlow makes of the result.
+  """
+  try:
+    from jax._src.export import _export  # pylint: disable=import-outside-toplevel
+    hlo = _export.hlo
+    original = hlo.get_version_from_compatibility_requirement
+  except (ImportError, AttributeError):
+    original = None
+  tensorflow_version = _tensorflow_stablehlo_version()
+  if original is None or tensorflow_version is None:
+    yield
+    return
+  hlo.get_version_from_compatibility_requirement = (
+      lambda requirement: hlo.get_smaller_version(original(requirement), tensorflow_version))
+  try:
+    yield
+  finally:
+    hlo.get_version_from_compatibility_requirement = original
+
+
 def write_saved_model(path: str, data, state, shape: tuple):
   """A TF SavedModel: the weights as tf.Variables, the model through jax2tf (native
-  serialization, PLATFORMS), signatures over uint8 images and over encoded files."""
+  serialization, PLATFORMS, StableHLO that this TensorFlow reads), signatures over uint8 images
+  and over encoded files."""
+  with stablehlo_readable_by_tensorflow():
+    _save_saved_model(path, data, state, shape)
+  check_saved_model(path, shape)
+
+
+def _save_saved_model(path: str, data, state, shape: tuple):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from jax.experimental import jax2tf  # pylint: disable=import-outside-toplevel
   on_uint8 = predict.on_uint8_images(data, state)
@@ -140,7 +186,6 @@ def write_saved_model(path: str, data, state, shape: tuple):
   module.serve_images, module.serve_encoded = serve_images, serve_encoded
   tf.saved_model.save(module, path, signatures={'serving_default': serve_images,
                                                 'serve_encoded': serve_encoded})
-  check_saved_model(path, shape)
 
 
 class SavedModelUnsupported(ExportError):
@@ -149,8 +194,8 @@ class SavedModelUnsupported(ExportError):
 
 def check_saved_model(path: str, shape: tuple):
   """Loads the SavedModel and scores one blank image on the CPU, as a user would: raises
-  SavedModelUnsupported where TensorFlow cannot deserialize what JAX wrote. (jax 0.11.2 and 0.12
-  write their batch-size check as a StableHLO custom call newer than TensorFlow 2.21 reads.)"""
+  SavedModelUnsupported where TensorFlow cannot deserialize what JAX wrote (a JAX newer than
+  stablehlo_readable_by_tensorflow knows)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   signature = tf.saved_model.load(path).signatures['serving_default']
   try:

@@ -161,10 +161,8 @@ def test_exports_score_photos_as_predict_in_a_process_without_densenet_jax(photo
   export_dir = tmp_path / 'export'
   written = export.export(RunSettings.from_config(config), workdir, str(export_dir))
   meta = json.loads((export_dir / 'classes.json').read_text())
-  # jax 0.11.2's and 0.12's SavedModels are beyond TensorFlow 2.21 (export.check_saved_model).
-  saved_model = 'saved_model' not in meta['not_written']
-  assert saved_model or 'cannot run the SavedModel' in meta['not_written']['saved_model']
-  expected = {'model.jax', 'classes.json'} | ({'saved_model'} if saved_model else set()) | (
+  assert meta['not_written'] == {}
+  expected = {'model.jax', 'saved_model', 'classes.json'} | (
       {'torchvision.pth'} if HAS_TORCH else set())
   assert {os.path.basename(p) for p in written} == expected == set(os.listdir(export_dir))
   assert set(meta['files']) == expected - {'classes.json'}
@@ -195,7 +193,7 @@ def test_exports_score_photos_as_predict_in_a_process_without_densenet_jax(photo
     np.testing.assert_array_equal(np.argsort(-got, 1, kind='stable')[:, :5],
                                   predictions.top_classes[:len(got)], err_msg=fmt)
   assert ('torchvision' in results) == HAS_TORCHVISION
-  assert ('saved_model_encoded' in results) == saved_model
+  assert 'saved_model_encoded' in results
 
 
 def test_bad_exports_fail_before_writing_and_leave_nothing(photo_run, tmp_path, monkeypatch):
@@ -240,3 +238,20 @@ def test_bad_exports_fail_before_writing_and_leave_nothing(photo_run, tmp_path, 
   export.export(settings, workdir, str(taken), ['jax'], overwrite=True)
   assert sorted(os.listdir(taken)) == ['classes.json', 'model.jax']
   assert sorted(os.listdir(tmp_path)) == ['taken']
+
+  # A TensorFlow that cannot run the SavedModel (a JAX newer than export knows): a default
+  # export leaves it out and says why, an explicit one fails.
+  def unreadable(*_):
+    raise export.SavedModelUnsupported('TensorFlow X cannot run the SavedModel that jax Y ...')
+
+  monkeypatch.setattr(export, 'check_saved_model', unreadable)
+  monkeypatch.setattr(export, 'FORMATS', ('jax', 'saved_model'))
+  export.export(settings, workdir, str(tmp_path / 'default'))
+  meta = json.loads((tmp_path / 'default' / 'classes.json').read_text())
+  assert sorted(os.listdir(tmp_path / 'default')) == ['classes.json', 'model.jax']
+  assert list(meta['files']) == ['model.jax']
+  assert meta['not_written'] == {'saved_model': 'TensorFlow X cannot run the SavedModel that '
+                                                'jax Y ...'}
+  with pytest.raises(export.SavedModelUnsupported):
+    export.export(settings, workdir, str(tmp_path / 'explicit'), ['saved_model'])
+  assert sorted(os.listdir(tmp_path)) == ['default', 'taken']
