@@ -70,7 +70,8 @@ def unavailable(fmt: str, model: models.DenseNet) -> Optional[str]:
 
 def formats_for(requested: Optional[Sequence[str]], model: models.DenseNet) -> tuple:
   """The formats to write: `requested` (each must be possible), or by default all the
-  network can have (torchvision only where torch is installed). Raises ExportError naming the first that is unknown or impossible."""
+  network can have (torchvision only where torch is installed). Raises ExportError naming the
+  first that is unknown or impossible."""
   if not requested:
     return tuple(f for f in FORMATS if unavailable(f, model) is None
                  and (f != 'torchvision' or importlib.util.find_spec('torch') is not None))
@@ -295,33 +296,11 @@ def export(settings: RunSettings, workdir: Optional[str], export_dir: str,
   check_destination(export_dir, overwrite)
   data, state = predict.inference_model(settings, workdir)
   model = run_setup.build_model(settings.model, data.info.num_classes)
-  variables = jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
-  shape = input_shape(data)
   export_dir = os.path.abspath(export_dir)
-  staging = tempfile.mkdtemp(dir=os.path.dirname(export_dir),
-                             prefix=f'.{os.path.basename(export_dir)}.', suffix='.partial')
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 -> what os.mkdir would have made
-  skipped = {}
+  staging = _staging_dir(export_dir)
   try:
-    if 'jax' in formats:
-      with open(os.path.join(staging, FILES['jax']), 'wb') as f:
-        f.write(jax_export(logits_function(data, state), shape))
-    if 'saved_model' in formats:
-      try:
-        write_saved_model(os.path.join(staging, FILES['saved_model']), data, state, shape)
-      except SavedModelUnsupported as e:
-        if requested_formats:
-          raise
-        logging.warning('No SavedModel: %s', e)
-        shutil.rmtree(os.path.join(staging, FILES['saved_model']))
-        skipped['saved_model'] = str(e)
-        formats = tuple(f for f in formats if f != 'saved_model')
-    if 'torchvision' in formats:
-      write_torchvision(os.path.join(staging, FILES['torchvision']), variables)
-    if 'keras' in formats:
-      write_keras(os.path.join(staging, FILES['keras']), variables, _name(model))
+    formats, skipped = _write_formats(staging, formats, not requested_formats, data, state,
+                                      model)
     with open(os.path.join(staging, METADATA_FILE), 'w') as f:
       json.dump(metadata(data, state, settings, workdir, formats, model, skipped), f, indent=1)
     _replace(staging, export_dir)
@@ -332,6 +311,47 @@ def export(settings: RunSettings, workdir: Optional[str], export_dir: str,
       os.path.join(export_dir, METADATA_FILE)]
 
 
+def _write_formats(directory: str, formats: tuple, by_default: bool, data, state,
+                   model: models.DenseNet) -> tuple:
+  """Writes each format's file into `directory`: (the formats written, {left out: why}). A
+  default export leaves out a SavedModel that this TensorFlow cannot run; a requested one
+  fails."""
+  variables = jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
+  shape, skipped = input_shape(data), {}
+
+  def path(fmt):
+    return os.path.join(directory, FILES[fmt])
+
+  if 'jax' in formats:
+    with open(path('jax'), 'wb') as f:
+      f.write(jax_export(logits_function(data, state), shape))
+  if 'saved_model' in formats:
+    try:
+      write_saved_model(path('saved_model'), data, state, shape)
+    except SavedModelUnsupported as e:
+      if not by_default:
+        raise
+      logging.warning('No SavedModel: %s', e)
+      shutil.rmtree(path('saved_model'))
+      skipped['saved_model'] = str(e)
+  if 'torchvision' in formats:
+    write_torchvision(path('torchvision'), variables)
+  if 'keras' in formats:
+    write_keras(path('keras'), variables, _name(model))
+  return tuple(f for f in formats if f not in skipped), skipped
+
+
+def _staging_dir(export_dir: str) -> str:
+  """A new directory next to export_dir (same file system: renamed into place when complete),
+  with the permissions os.mkdir would give it (mkdtemp's are 0700)."""
+  staging = tempfile.mkdtemp(dir=os.path.dirname(export_dir),
+                             prefix=f'.{os.path.basename(export_dir)}.', suffix='.partial')
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(staging, 0o777 & ~umask)
+  return staging
+
+
 def _replace(staging: str, export_dir: str):
   """Renames the complete `staging` to `export_dir`; an old export there goes only after."""
   old = None
@@ -339,5 +359,7 @@ def _replace(staging: str, export_dir: str):
     old = staging[:-len('.partial')] + '.old'
     os.replace(export_dir, old)
   os.replace(staging, export_dir)
-  if old:
-    shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+  if old and os.path.isdir(old):
+    shutil.rmtree(old)
+  elif old:
+    os.remove(old)
