@@ -129,9 +129,14 @@ def _train_or_evaluate(config, workdir):
     print(evaluation.format_evaluation(evaluation.evaluate(config, workdir)))
 
 
+# The modes that use a trained model (a run's checkpoint or config.init_from), not the dataset.
+INFERENCE_MODES = {'predict': _predict, 'embed': _embed, 'export': _export}
+
+
 def main(argv):
   del argv
-  if FLAGS.mode in ('predict', 'embed', 'export'):
+  inference_only = FLAGS.mode in INFERENCE_MODES
+  if inference_only:
     _check_inference_flags(FLAGS.config, FLAGS.workdir)
   runtime.quiet_libraries(logging.get_absl_handler())
   import jax  # pylint: disable=import-outside-toplevel (after flag parsing: --help is fast)
@@ -139,7 +144,6 @@ def main(argv):
                             detect=FLAGS.distributed)
   runtime.use_compilation_cache(FLAGS.compilation_cache_dir)
   from densenet_jax import config_validation, errors  # pylint: disable=import-outside-toplevel
-  inference_only = FLAGS.mode in ('predict', 'embed', 'export')
   try:
     config_validation.validate(FLAGS.config, jax.device_count(), data=not inference_only)
   except config_validation.ConfigError as e:
@@ -149,8 +153,7 @@ def main(argv):
                jax.devices()[0].platform)
   try:
     if inference_only:
-      {'predict': _predict, 'embed': _embed, 'export': _export}[FLAGS.mode](FLAGS.config,
-                                                                          FLAGS.workdir)
+      INFERENCE_MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
     else:
       _train_or_evaluate(FLAGS.config, FLAGS.workdir)
   except errors.UserError as e:

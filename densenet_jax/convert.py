@@ -25,6 +25,9 @@ from densenet_jax import architectures, costs, models
 # renames them to `denselayerN.norm1.weight` with this pattern before loading.
 _LEGACY_KEY = re.compile(
     r'^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$')
+# The keras.applications class of each named network Keras has.
+KERAS_APPLICATIONS = {'densenet121': 'DenseNet121', 'densenet169': 'DenseNet169',
+                      'densenet201': 'DenseNet201'}
 _TORCH_LAYER = re.compile(r'features\.denseblock(\d+)\.denselayer(\d+)\.conv1\.weight')
 _KERAS_LAYER = re.compile(r'conv(\d+)_block(\d+)_1_conv')
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from densenet_jax import architectures, convert, errors, models, predict, run_setup
+from densenet_jax import architectures, convert, errors, models, predict, run_setup, weights
 from densenet_jax.settings import RunSettings
 
 FORMATS = ('jax', 'saved_model', 'torchvision', 'keras')
@@ -40,9 +40,10 @@ FILES = {'jax': 'model.jax', 'saved_model': 'saved_model', 'torchvision': 'torch
          'keras': 'keras.weights.h5'}
 METADATA_FILE = 'classes.json'
 PLATFORMS = ('cpu', 'cuda', 'tpu')
-TORCHVISION_MODELS = ('densenet121', 'densenet161', 'densenet169', 'densenet201')
-KERAS_MODELS = {'densenet121': 'DenseNet121', 'densenet169': 'DenseNet169',
-                'densenet201': 'DenseNet201'}
+# The named networks torchvision builds by name (those it publishes weights of).
+TORCHVISION_MODELS = tuple(entry.model for key, entry in weights.PUBLISHED.items()
+                           if key.startswith('torchvision:'))
+KERAS_MODELS = convert.KERAS_APPLICATIONS
 
 
 class ExportError(errors.UserError, ValueError):
@@ -93,11 +94,17 @@ def check_destination(export_dir: str, overwrite: bool):
     raise ExportError(f'--export_dir={export_dir}: cannot write in {parent}')
 
 
+def _logits(data, state):
+  """fn(variables, uint8 images [B, H, W, C]) -> float32 logits: predict's function."""
+  on_uint8 = predict.on_uint8_images(data, state)
+  return lambda variables, images: on_uint8(variables, images).astype(jnp.float32)
+
+
 def logits_function(data, state):
   """fn(uint8 images [B, H, W, C]) -> float32 logits, the weights closed over (embedded)."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  on_uint8 = predict.on_uint8_images(data, state)
-  return lambda images: on_uint8(variables, images).astype(jnp.float32)
+  logits = _logits(data, state)
+  return lambda images: logits(variables, images)
 
 
 def input_shape(data) -> tuple:
@@ -163,9 +170,8 @@ def write_saved_model(path: str, data, state, shape: tuple):
 def _save_saved_model(path: str, data, state, shape: tuple):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from jax.experimental import jax2tf  # pylint: disable=import-outside-toplevel
-  on_uint8 = predict.on_uint8_images(data, state)
   converted = jax2tf.convert(
-      lambda variables, images: on_uint8(variables, images).astype(jnp.float32),
+      _logits(data, state),
       polymorphic_shapes=[None, '(b, ' + ', '.join(map(str, shape)) + ')'],
       native_serialization_platforms=PLATFORMS, with_gradient=False)
   module = tf.Module()

@@ -22,7 +22,7 @@ import tensorflow as tf
 import tqdm
 
 from densenet_jax import config_validation, datasets, folder_listing, inference, input_pipeline
-from densenet_jax import errors, inference, run_setup, weight_sources, weights
+from densenet_jax import errors, run_setup, weight_sources, weights
 from densenet_jax import preprocessing as pp
 from densenet_jax.settings import RunSettings
 

@@ -29,9 +29,7 @@ def _convert_published(published: weights.Published, path: str) -> dict:
   if published.algorithm == 'sha256':  # torchvision's state_dict
     return convert.from_torchvision(path)
   import keras  # pylint: disable=import-outside-toplevel
-  builder = {'densenet121': keras.applications.DenseNet121,
-             'densenet169': keras.applications.DenseNet169,
-             'densenet201': keras.applications.DenseNet201}[published.model]
+  builder = getattr(keras.applications, convert.KERAS_APPLICATIONS[published.model])
   return convert.from_keras(builder(weights=path, classifier_activation=None))
 
 
