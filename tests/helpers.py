@@ -3,6 +3,7 @@
 - main.py in subprocesses: `run_main` (a run to its end), `start`/`finish` (the log read as it
   is written, a signal sent once a chosen step is logged), `run_pair` (two processes of one
   multi-host run) and the state a run's last checkpoint holds;
+- a run's workdir with random weights, as training leaves it (`write_random_run`);
 - a publisher of weights on 127.0.0.1 (`Publisher`, `serve`; conftest.py's `server` fixture)
   and weights files in the publishers' formats (`keras_densenet121_weights`,
   `torchvision_state_dict`, `random_variables`);
@@ -17,6 +18,7 @@ import concurrent.futures
 import functools
 import hashlib
 import http.server
+import json
 import os
 import re
 import signal
@@ -27,10 +29,11 @@ import threading
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from densenet_jax import costs, models, weights
+from densenet_jax import checkpoints, costs, models, run_setup, steps, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = re.compile(r'step (\d+)/\d+ ')
@@ -185,6 +188,28 @@ def keras_densenet121_weights(directory):
   with h5py.File(path, 'w') as f:
     legacy_h5_format.save_weights_to_hdf5_group(f, model)
   return path.read_bytes(), model
+
+
+def write_random_run(workdir, model, image_shape, step: int, record: dict, rng):
+  """A workdir as training leaves it (one checkpoint at `step`, classes.json holding `record`)
+  of `model` with random weights, the classifier's too (it starts at zero: every class would
+  tie, and any ranking would pass), and random BN statistics, drawn from `rng`. Returns the
+  state."""
+  tx = steps.sgd_nesterov(optax.constant_schedule(0.1), 0.9, 1e-4)
+  state = steps.create_train_state(model, jax.random.key(0), image_shape, tx)
+  params = jax.tree.map(lambda x: rng.normal(scale=0.5, size=x.shape).astype(np.float32),
+                        state.params)
+  batch_stats = jax.tree.map(lambda x: np.abs(rng.normal(size=x.shape)).astype(np.float32) + 0.5,
+                             state.batch_stats)
+  state = state.replace(step=np.int32(step), params=params, batch_stats=batch_stats)
+  ckpt = checkpoints.Checkpoints(os.path.join(workdir, 'checkpoints'))
+  ckpt.save(jax.device_get(state),
+            {'history': [{'step': step, 'eval': {'test': {'top1_error': 0.5}}}]},
+            selection_error=0.5)
+  ckpt.close()
+  with open(os.path.join(workdir, run_setup.CLASSES_FILE), 'w') as f:
+    json.dump(record, f)
+  return state
 
 
 def init(model, rng, x) -> dict:

@@ -11,18 +11,15 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from configs import digits, finetune
-from densenet_jax import checkpoints, export, inference, predict, run_setup, steps
+from densenet_jax import export, inference, predict, run_setup
 from densenet_jax.settings import ModelSettings, RunSettings
 import helpers
 
@@ -42,28 +39,6 @@ def photo_config(data_dir):
   return config
 
 
-def _random_state(model, shape, step):
-  """A train state with random weights (the classifier's too) and random BN statistics."""
-  tx = steps.sgd_nesterov(optax.constant_schedule(0.1), 0.9, 1e-4)
-  state = steps.create_train_state(model, jax.random.key(0), shape, tx)
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: rng.normal(scale=0.5, size=x.shape).astype(np.float32),
-                        state.params)
-  stats = jax.tree.map(lambda x: np.abs(rng.normal(size=x.shape)).astype(np.float32) + 0.5,
-                       state.batch_stats)
-  return state.replace(step=np.int32(step), params=params, batch_stats=stats)
-
-
-def write_run(workdir, config, state, record):
-  """A workdir as training leaves it: one checkpoint and classes.json."""
-  ckpt = checkpoints.Checkpoints(str(workdir / 'checkpoints'))
-  ckpt.save(jax.device_get(state), {'history': [{'step': int(state.step),
-                                                  'eval': {'test': {'top1_error': 0.5}}}]},
-            selection_error=0.5)
-  ckpt.close()
-  (workdir / run_setup.CLASSES_FILE).write_text(json.dumps(record))
-
-
 @pytest.fixture(scope='module')
 def photo_run(tmp_path_factory):
   """(config, workdir, photo files, unreadable file): scikit-learn's two photos, as JPEG and
@@ -71,13 +46,12 @@ def photo_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('export')
   config = photo_config(root / 'data')
   model = run_setup.build_model(ModelSettings.from_config(config), len(CLASS_NAMES))
-  state = _random_state(model, (SIZE, SIZE, 3), step=11)
   workdir = root / 'run'
-  write_run(workdir, config, state, {
+  helpers.write_random_run(workdir, model, (SIZE, SIZE, 3), 11, {
       'dataset': config.dataset, 'class_names': CLASS_NAMES, 'image_shape': [SIZE, SIZE, 3],
       'normalization': [255.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]],
       'folder_transform': {'size': SIZE, 'transform': 'resize_center_crop',
-                           'crop_ratio': 0.875}})
+                           'crop_ratio': 0.875}}, np.random.default_rng(0))
   files = []
   for i, photo in enumerate(load_sample_images().images):
     for j, (image, ext) in enumerate([(photo, 'jpg'), (photo[50:300, 100:500], 'png'),

@@ -10,12 +10,11 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 from PIL import Image
 
 from configs import digits
-from densenet_jax import checkpoints, predict, run_setup, steps
+from densenet_jax import predict, run_setup
 from densenet_jax.datasets import SPECS
 from densenet_jax.settings import ModelSettings
 import helpers
@@ -32,25 +31,11 @@ def run(tmp_path_factory):
   config = digits.get_config()
   config.model.depth, config.model.growth_rate, config.image_size = 10, 4, 8  # as the script's
   model = run_setup.build_model(ModelSettings.from_config(config), num_classes=10)
-  tx = steps.sgd_nesterov(optax.constant_schedule(0.1), 0.9, 1e-4)
-  state = steps.create_train_state(model, jax.random.key(0), (8, 8, 1), tx)
   rng = np.random.default_rng(0)
-  # Random weights, the classifier's too (it starts at zero: every class would tie, and any
-  # ranking would pass), and random BN statistics.
-  params = jax.tree.map(lambda x: rng.normal(scale=0.5, size=x.shape).astype(np.float32),
-                        state.params)
-  batch_stats = jax.tree.map(lambda x: np.abs(rng.normal(size=x.shape)).astype(np.float32) + 0.5,
-                             state.batch_stats)
-  state = state.replace(step=np.int32(7), params=params, batch_stats=batch_stats)
   workdir = root / 'run'
-  ckpt = checkpoints.Checkpoints(str(workdir / 'checkpoints'))
-  ckpt.save(jax.device_get(state),
-            {'history': [{'step': 7, 'eval': {'test': {'top1_error': 0.5}}}]},
-            selection_error=0.5)
-  ckpt.close()
-  (workdir / run_setup.CLASSES_FILE).write_text(json.dumps({
+  state = helpers.write_random_run(workdir, model, (8, 8, 1), 7, {
       'dataset': 'digits', 'class_names': CLASS_NAMES, 'image_shape': [8, 8, 1],
-      'normalization': [16.0, [0.0], [1.0]]}))
+      'normalization': [16.0, [0.0], [1.0]]}, rng)
   images = rng.integers(0, 17, (5, 8, 8), dtype=np.uint8)
   files = []
   for i, image in enumerate(images):
