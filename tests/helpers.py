@@ -7,8 +7,8 @@
 - a publisher of weights on 127.0.0.1 (`Publisher`, `serve`; conftest.py's `server` fixture)
   and weights files in the publishers' formats (`keras_densenet121_weights`,
   `torchvision_state_dict`, `random_variables`);
-- exports loaded where densenet_jax cannot be imported (`run_fresh`,
-  `keras_export_logits`).
+- exports loaded where densenet_jax cannot be imported (`run_fresh`) and a Keras export's
+  logits (`keras_export_logits`).
 
 The small real tfds datasets the tests build are experiments/tiny_tfds.py's (the experiments
 use them too).
@@ -274,30 +274,21 @@ def run_fresh(script: str, *args):
   assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-_KERAS_EXPORT = r'''
-import json, os, sys
-sys.modules['densenet_jax'] = None  # whatever is installed: this process cannot import it
-import numpy as np
-import keras
-export_dir, images, out = sys.argv[1:4]
-meta = json.load(open(os.path.join(export_dir, 'classes.json')))
-loader = meta['files']['keras.weights.h5']
-assert loader.startswith('keras.applications.DenseNet121(weights=None, classes=1000)'), loader
-model = keras.applications.DenseNet121(weights=None, classes=1000, classifier_activation=None)
-model.load_weights(os.path.join(export_dir, 'keras.weights.h5'))
-n = meta['eval_transform']['normalization']
-x = (np.load(images) / n['scale'] - np.array(n['mean'])) / np.array(n['std'])
-np.save(out, np.asarray(model(x.astype(np.float32), training=False)))
-'''
-
-
-def keras_export_logits(export_dir, images_npy) -> np.ndarray:
-  """The logits of uint8 images (an .npy) from an export's keras.weights.h5 in
-  keras.applications.DenseNet121 (classifier_activation=None: logits, where softmax
-  probabilities that round to 0 would tie), in a fresh process."""
-  out = os.path.join(os.path.dirname(images_npy), 'keras_logits.npy')
-  run_fresh(_KERAS_EXPORT, export_dir, images_npy, out)
-  return np.load(out)
+def keras_export_logits(export_dir, images: np.ndarray) -> np.ndarray:
+  """The logits of uint8 images from an export's keras.weights.h5, loaded as its classes.json
+  says into a new keras.applications.DenseNet121 (classifier_activation=None: logits, where
+  softmax probabilities that round to 0 would tie). Keras reads the file alone: nothing of
+  densenet_jax takes part."""
+  import keras
+  with open(os.path.join(export_dir, 'classes.json')) as f:
+    meta = json.load(f)
+  loader = meta['files']['keras.weights.h5']
+  assert loader.startswith('keras.applications.DenseNet121(weights=None, classes=1000)'), loader
+  model = keras.applications.DenseNet121(weights=None, classes=1000, classifier_activation=None)
+  model.load_weights(os.path.join(export_dir, 'keras.weights.h5'))
+  n = meta['eval_transform']['normalization']
+  x = (images / n['scale'] - np.array(n['mean'])) / np.array(n['std'])
+  return np.asarray(model(x.astype(np.float32), training=False))
 
 
 def keras_float64_logits(model, x: np.ndarray) -> np.ndarray:
