@@ -5,12 +5,13 @@ error lines, signals, kill -9, several processes, files left for the next comman
   line, exit status 1, no traceback;
 - the bundled digits on 2 devices: a run's results, checkpoints and summaries; runs stopped by
   SIGTERM and kill -9 and restarted end with the bitwise state of the run that never stopped;
-  --mode=evaluate on its checkpoint; --mode=embed and --mode=export of it; a longer schedule
+  --mode=embed and --mode=export of it; a longer schedule
   continues from it; what --mode=predict, embed and export lack on the command line (exit 2);
 - your own images, in two processes of one run: the digits as PNG class folders (bad files
   among them) are prepared once by process 0; a SIGTERM to process 1 stops both at one step and
   the pair resumes from it; the run trains like digits and reports its classes; --mode=evaluate
-  prints per-class recall and the confusion matrix; --mode=predict after the data has moved
+  scores its best checkpoint as training did and prints per-class recall and the confusion
+  matrix; --mode=predict after the data has moved
   agrees with the test accuracy.
 
 (Exact mid-epoch resume of augmented CIFAR and ImageNet in this process: test_train.py. Bad
@@ -106,7 +107,7 @@ def test_a_weights_file_that_is_no_densenet_is_one_error_line(tmp_path, photo):
 
 
 # ---------------------------------------------------------------------------------------------
-# The digits: a run, its exact resume after signals and kill -9, evaluate, a longer schedule.
+# The digits: a run, its exact resume after signals and kill -9, a longer schedule.
 
 def without_speed(record: dict) -> list:
   """The history of a record without images/s, which depends on the machine's load."""
@@ -170,16 +171,6 @@ def test_signals_and_kill_9_resume_exactly_on_digits(tmp_path, digits_run):
   assert step == ref_step == 3 * DIGITS_STEPS_PER_EPOCH
   helpers.assert_bitwise_equal(state, ref_state)
   assert without_speed(record) == without_speed(ref_record)  # each eval once, same metrics
-
-
-@pytest.mark.slow
-def test_evaluate_mode_scores_the_checkpoint_as_training_did(digits_run):
-  data_dir, workdir, _ = digits_run
-  results = json.loads((workdir / 'results.json').read_text())
-  error = results['final']['eval']['test']['top1_error']
-  log = helpers.run_main([*DIGITS, f'--workdir={workdir}', '--mode=evaluate',
-                          '--config.eval_checkpoint=latest'], 2, data_dir)
-  assert f'test (360 images, step 66): top1_error {100 * error:.2f}%' in log
 
 
 def test_embed_and_export_a_run_from_the_command_line(tmp_path, digits_run):
@@ -307,10 +298,15 @@ def test_trains_like_digits_and_reports_classes(folder_pair):
 
 
 @pytest.mark.slow
-def test_evaluate_prints_per_class_recall_and_the_confusion_matrix(folder_pair):
-  root, _, workdir, _, _, _ = folder_pair
+def test_evaluate_scores_the_best_checkpoint_as_training_did_per_class(folder_pair):
+  """--mode=evaluate (in one process, where two trained) reads the best checkpoint and scores it
+  as training's eval did; it prints per-class recall and the confusion matrix."""
+  root, counts, workdir, _, _, _ = folder_pair
   log = helpers.run_main([*folder_args(root / 'digits'), '--mode=evaluate', f'--workdir={workdir}'],
                          num_devices=2, data_dir=str(root / 'tfds'))
+  best = json.loads((workdir / 'results.json').read_text())['best']
+  assert (f'test ({counts["test"]} images, step {best["step"]}): top1_error '
+          f'{100 * best["eval"]["test"]["top1_error"]:.2f}%') in log, log[-3000:]
   assert 'test: recall per class, then the confusion matrix' in log
   rows = [line for line in log.splitlines() if line.startswith('  ') and ' | ' in line]
   assert len(rows) == 10 and all(len(r.split('|')[1].split()) == 10 for r in rows)

@@ -137,11 +137,11 @@ def test_compiled_train_step_keeps_the_saving(xla_optimized):
   batch = {'image': images(8), 'label': jnp.arange(8) % 10}
   temp = {}
   for memory_efficient in (False, True):
-    state = steps.create_train_state(one_block(6, memory_efficient), jax.random.key(0),
+    state = steps.create_train_state(one_block(4, memory_efficient), jax.random.key(0),
                                      (SIZE, SIZE, 3), tx)
     analysis = step.lower(state, batch).compile().memory_analysis()
     temp[memory_efficient] = analysis.temp_size_in_bytes
-  assert 0 < temp[True] < 0.8 * temp[False]  # measured: 0.70 (plain keeps ReLU outputs only)
+  assert 0 < temp[True] < 0.8 * temp[False]  # measured: 0.70 at 4 layers, 0.73 at 3 (plain keeps ReLU outputs only)
 
 
 def test_saved_activation_bytes_agree_with_jax():
