@@ -6,7 +6,7 @@ error lines, signals, kill -9, several processes, files left for the next comman
 - the bundled digits on 2 devices: a run's results, checkpoints and summaries; runs stopped by
   SIGTERM and kill -9 and restarted end with the bitwise state of the run that never stopped;
   --mode=embed and --mode=export of it; a longer schedule
-  continues from it; what --mode=predict, embed and export lack on the command line (exit 2);
+  continues from it (in this process); what --mode=predict, embed and export lack on the command line (exit 2);
 - your own images, in two processes of one run: the digits as PNG class folders (bad files
   among them) are prepared once by process 0; a SIGTERM to process 1 stops both at one step and
   the pair resumes from it; the run trains like digits and reports its classes; --mode=evaluate
@@ -20,6 +20,7 @@ configs: test_config_validation.py. Two processes compute what one does: test_mu
 import csv
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from densenet_jax import config_loading, train
 from experiments import tiny_tfds
 import helpers
 
@@ -213,15 +215,20 @@ def test_inference_modes_name_what_they_lack(tmp_path, args, message):
       f'main.py: error: {message}'), proc.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_a_longer_schedule_continues_from_the_checkpoint(tmp_path, digits_run):
+def test_a_longer_schedule_continues_from_the_checkpoint(tmp_path, digits_run, caplog):
+  """The same command with more epochs, in this process (on its 8 devices: the run trained on
+  2) resumes from the last checkpoint and adds the new epoch's eval."""
   data_dir, workdir, _ = digits_run
   shutil.copytree(workdir, tmp_path / 'run')
-  log = helpers.run_main([*DIGITS, f'--workdir={tmp_path / "run"}', '--config.num_epochs=4'], 2,
-                         data_dir)
-  assert f'Resumed from step {3 * DIGITS_STEPS_PER_EPOCH}' in log
-  results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+  overrides = [arg[len('--config.'):].split('=', 1) for arg in DIGITS[1:]]
+  config = config_loading.load(os.path.join(ROOT, 'configs/digits.py'),
+                               [*overrides, ('num_epochs', 4), ('data_dir', data_dir)])
+  with caplog.at_level(logging.INFO):
+    results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert f'Resumed from step {3 * DIGITS_STEPS_PER_EPOCH} ' in caplog.text
   assert [h['step'] for h in results['history']] == [22, 44, 66, 88]
+  assert json.loads((tmp_path / 'run' / 'results.json').read_text())['history'][:3] == \
+      json.loads((workdir / 'results.json').read_text())['history']
 
 
 # ---------------------------------------------------------------------------------------------
