@@ -148,10 +148,14 @@ def main(argv):
     config_validation.validate(FLAGS.config, jax.device_count(), data=not inference_only)
   except config_validation.ConfigError as e:
     _fail(str(e), exit_code=2)
-  runtime.keep_tensorflow_off_accelerators()
   logging.info('%d process(es), %d devices (%s).', jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
+  from densenet_jax import weight_sources  # pylint: disable=import-outside-toplevel
   try:
+    # Published weights are downloaded (if not cached) before TensorFlow loads, so that a
+    # failed download is reported seconds sooner; every mode fetches them again (a no-op).
+    weight_sources.fetch(FLAGS.config.init_from)
+    runtime.keep_tensorflow_off_accelerators()
     if inference_only:
       INFERENCE_MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
     else:
