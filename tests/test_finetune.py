@@ -105,8 +105,9 @@ def test_published_weights_predict_and_export_as_keras_scores_them(
   names = dict(predict.shipped_classes(SPECS['imagenet2012']))
   assert predictions.class_names[expected[0, 0]] == list(names.values())[expected[0, 0]]
 
-  # The same weights exported for Keras load into a new keras.applications model: predict's top classes, and the source model's logits within ten times Keras's
-  # own float32 error (against itself in float64). (Probabilities would not do: these random
+  # The same weights exported for Keras load into a new keras.applications model: predict's
+  # top classes, and the source model's logits within ten times Keras's own float32 error
+  # (against itself in float64). (Probabilities would not do: these random
   # weights make softmax round to 0 and 1.)
   written = export.export(settings.RunSettings.from_config(config), None,
                           str(tmp_path / 'export'), ['keras'])

@@ -5,14 +5,13 @@ error lines, signals, kill -9, several processes, files left for the next comman
   line, exit status 1, no traceback;
 - the bundled digits on 2 devices: a run's results, checkpoints and summaries; runs stopped by
   SIGTERM and kill -9 and restarted end with the bitwise state of the run that never stopped;
-  --mode=embed and --mode=export of it; a longer schedule
-  continues from it (in this process); what --mode=predict, embed and export lack on the command line (exit 2);
+  --mode=embed and --mode=export of it; a longer schedule continues from it (in this process);
+  what --mode=predict, embed and export lack on the command line (exit 2);
 - your own images, in two processes of one run: the digits as PNG class folders (bad files
   among them) are prepared once by process 0; a SIGTERM to process 1 stops both at one step and
   the pair resumes from it; the run trains like digits and reports its classes; --mode=evaluate
   scores its best checkpoint as training did and prints per-class recall and the confusion
-  matrix; --mode=predict after the data has moved
-  agrees with the test accuracy.
+  matrix; --mode=predict after the data has moved agrees with the test accuracy.
 
 (Exact mid-epoch resume of augmented CIFAR and ImageNet in this process: test_train.py. Bad
 configs: test_config_validation.py. Two processes compute what one does: test_multihost.py.)"""
