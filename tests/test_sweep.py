@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 
+import jax
 import pytest
 
 from densenet_jax import architectures, train
@@ -141,15 +142,17 @@ def test_figure4_rows_name_twelve_networks_and_the_paper_only_where_it_has_them(
 @pytest.fixture
 def run_sweep(capsys, monkeypatch):
   """experiments/sweep.py's main in this process (its points run main.py in subprocesses, on one
-  device each): what it prints."""
+  device each): what it prints. Its setting of jax_platforms is put back afterwards."""
   monkeypatch.setenv('JAX_NUM_CPU_DEVICES', '1')
   monkeypatch.chdir(ROOT)
+  platforms = jax.config.jax_platforms
 
   def run(args):
     capsys.readouterr()
     sweep.main([f'--config={DIGITS}', *args])
     return capsys.readouterr().out
-  return run
+  yield run
+  jax.config.update('jax_platforms', platforms)
 
 
 @pytest.mark.slow
