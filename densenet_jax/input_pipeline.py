@@ -276,8 +276,8 @@ def _options() -> tf.data.Options:
   """Deterministic order, and no autotuning: its model thread sleeps between rounds for up to
   60 s (the sleeps double), and deleting an iterator waits for it to wake, so a run's end and
   every eval pass stalled for up to that long (4-16 s after 6-25 s of iterating, measured with
-  tensorflow 2.21). The maps run on _PARALLEL_CALLS threads; prefetch(AUTOTUNE) still grows its
-  buffer while the consumer waits."""
+  tensorflow 2.21). The maps run on _PARALLEL_CALLS threads; prefetch(AUTOTUNE) is left as it
+  was (with a slow consumer it held as many elements ahead with autotuning off as on)."""
   options = tf.data.Options()
   options.deterministic = True
   options.autotune.enabled = False
