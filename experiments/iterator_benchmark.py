@@ -16,7 +16,6 @@ The sides alternate, --trials times each.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,15 +46,12 @@ def measure(data_dir: str, seconds: float, step_ms: float) -> dict:
 
 
 def run_side(code_root: str, data_dir: str, seconds: float, step_ms: float) -> dict:
+  from experiments import pipeline_benchmark  # pylint: disable=import-outside-toplevel
   env = dict(os.environ, PYTHONPATH=f'{code_root}{os.pathsep}{ROOT}', TF_CPP_MIN_LOG_LEVEL='2',
              JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1')
   command = [sys.executable, os.path.abspath(__file__), '--measure', data_dir,
              '--seconds', str(seconds), '--step_ms', str(step_ms)]
-  done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-  lines = [line for line in done.stdout.splitlines() if line.startswith('RESULT ')]
-  if done.returncode or not lines:
-    sys.exit(f'measuring {code_root} failed: {done.stderr.strip().splitlines()[-1:]}')
-  return json.loads(lines[-1][len('RESULT '):])
+  return pipeline_benchmark.result_of(command, f'measuring {code_root}', env)
 
 
 def main():
@@ -74,12 +70,12 @@ def main():
   sys.path.insert(0, ROOT)  # not in --measure, whose densenet_jax is the side's
   # pylint: disable-next=import-outside-toplevel
   from experiments import pipeline_benchmark, tiny_tfds
-  with tempfile.TemporaryDirectory() as data_dir, tempfile.TemporaryDirectory() as before:
+  with tempfile.TemporaryDirectory() as data_dir, tempfile.TemporaryDirectory() as folder:
     ids = np.arange(NUM_TRAIN)
     tiny_tfds.store('cifar10', data_dir, {'train': (ids, ids % 10),
                                           'test': (ids[:100], ids[:100] % 10)})
-    before = pipeline_benchmark.extract(args.before, before)
-    sides = {'this checkout': ROOT, f'before ({args.before})': before}
+    sides = {'this checkout': ROOT,
+             f'before ({args.before})': pipeline_benchmark.extract(args.before, folder)}
     print(f'{len(os.sched_getaffinity(0))} CPU cores; iterating {args.seconds:g} s a trial, '
           f'a batch every {args.step_ms:g} ms\n')
     print('| code | trial | images/s | CPU-ms/image | release s |\n|---|---|---|---|---|')

@@ -95,15 +95,21 @@ def measure_all() -> list:
   return results
 
 
+def result_of(command: list, what: str, env: dict = None):
+  """The JSON of the last `RESULT ` line a measuring process prints; exits naming `what` if
+  the process fails or prints none."""
+  done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+  lines = [line for line in done.stdout.splitlines() if line.startswith('RESULT ')]
+  if done.returncode or not lines:
+    sys.exit(f'{what} failed: {done.stderr.strip().splitlines()[-1:]}')
+  return json.loads(lines[-1][len('RESULT '):])
+
+
 def run_measurement(code_root: str) -> list:
   """measure_all() in a fresh process importing densenet_jax from code_root."""
   env = dict(os.environ, PYTHONPATH=code_root, TF_CPP_MIN_LOG_LEVEL='2')
-  done = subprocess.run([sys.executable, os.path.abspath(__file__), '--measure'], env=env,
-                        capture_output=True, text=True, check=False)
-  lines = [line for line in done.stdout.splitlines() if line.startswith('RESULT ')]
-  if done.returncode or not lines:
-    sys.exit(f'measuring {code_root} failed: {done.stderr.strip().splitlines()[-1:]}')
-  return json.loads(lines[-1][len('RESULT '):])
+  return result_of([sys.executable, os.path.abspath(__file__), '--measure'],
+                   f'measuring {code_root}', env)
 
 
 def extract(revision: str, into: str) -> str:
@@ -122,12 +128,8 @@ def torchvision_rates(python: str, jpegs: list) -> dict:
     for i, data in enumerate(jpegs):
       with open(os.path.join(folder, f'{i}.jpg'), 'wb') as f:
         f.write(data)
-    done = subprocess.run([python, os.path.join(ROOT, 'experiments', 'torchvision_pipeline.py'),
-                           folder], capture_output=True, text=True, check=False)
-  lines = [line for line in done.stdout.splitlines() if line.startswith('RESULT ')]
-  if done.returncode or not lines:
-    sys.exit(f'torchvision ({python}) failed: {done.stderr.strip().splitlines()[-1:]}')
-  return json.loads(lines[-1][len('RESULT '):])
+    return result_of([python, os.path.join(ROOT, 'experiments', 'torchvision_pipeline.py'),
+                      folder], f'torchvision ({python})')
 
 
 def print_rows(side: str, results: list, cores: int):
