@@ -3,6 +3,7 @@
   python -m densenet_jax.costs     # parameters and multiply-adds of every named network
 """
 
+import functools
 import math
 
 import jax
@@ -13,7 +14,21 @@ from densenet_jax import architectures, models
 
 
 def init_shapes(model: models.DenseNet, image_size: int, batch_size: int = 1):
-  """The shapes of `model.init`'s variables, via jax.eval_shape (no compile)."""
+  """The shapes of `model.init`'s variables, via jax.eval_shape (no compile).
+
+  Traced once per model, size and float64 setting in a process (DenseNet-121's init takes ~1 s
+  to trace; a conversion and its check, or predict and its weights, ask twice); each call gets
+  its own copy of the tree.
+  """
+  shapes = _traced_init_shapes(model, image_size, batch_size,
+                               jax.dtypes.canonicalize_dtype(jnp.float64))
+  return jax.tree.map(lambda leaf: leaf, shapes)
+
+
+@functools.lru_cache(maxsize=64)
+def _traced_init_shapes(model: models.DenseNet, image_size: int, batch_size: int, float64):
+  """init_shapes's trace; `float64` (float32 without jax_enable_x64) is part of the key only."""
+  del float64
   x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
 

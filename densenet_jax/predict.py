@@ -27,7 +27,7 @@ from densenet_jax import preprocessing as pp
 from densenet_jax.settings import RunSettings
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')  # class names that ship with the package
-BATCH = 32  # images per forward pass (the last one padded: one compile)
+BATCH = 32  # images per forward pass at most (the last one padded: one compile)
 
 
 class MissingImages(errors.UserError, FileNotFoundError):
@@ -142,26 +142,34 @@ def on_uint8_images(data: input_pipeline.Data, state: inference.InferenceState):
       variables, inference.model_input(device_transform, {'image': images}), train=False)
 
 
+def batch_size(num_files: int) -> int:
+  """Images per forward pass for `num_files` files: BATCH, or for fewer files the smallest power
+  of two that holds them all. One shape, so one compile, either way; a few photos are not padded
+  to BATCH (DenseNet-121 on 2 images: one forward pass of 2, not of 32)."""
+  return min(BATCH, 1 << max(num_files - 1, 0).bit_length())
+
+
 def _outputs(files: Sequence[str], data, state, desc: str, unreadable: list):
-  """Yields (files, model outputs [n, ...]) of each BATCH of `files`, of those that decoded;
+  """Yields (files, model outputs [n, ...]) of each batch of `files`, of those that decoded;
   appends (file, reason) of the others to `unreadable`. Host memory stays that of one batch
   however many files there are."""
   transform = data.eval_preprocessor()
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   outputs_fn = jax.jit(on_uint8_images(data, state))
-  for start in tqdm.trange(0, len(files), BATCH, desc=desc, disable=len(files) <= BATCH):
-    names, images, bad = _load(files[start:start + BATCH], transform)
+  size = batch_size(len(files))
+  for start in tqdm.trange(0, len(files), size, desc=desc, disable=len(files) <= size):
+    names, images, bad = _load(files[start:start + size], transform)
     unreadable += bad
     if images:
       batch = np.stack(images)
-      padded = np.concatenate([batch, np.zeros((BATCH - len(batch), *batch.shape[1:]),
+      padded = np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]),
                                                batch.dtype)])
       yield names, np.asarray(outputs_fn(variables, padded))[:len(batch)]
 
 
 def predict(config: ml_collections.ConfigDict, workdir: Optional[str], paths: Sequence[str],
             top_k: int = 5) -> Predictions:
-  """Top-k classes of every image file under `paths`, decoded and scored BATCH files at a
+  """Top-k classes of every image file under `paths`, decoded and scored up to BATCH files at a
   time."""
   config_validation.validate(config, jax.device_count(), data=False)
   return predict_files(RunSettings.from_config(config), workdir, image_files(paths), top_k)

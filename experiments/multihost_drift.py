@@ -83,10 +83,11 @@ def planted(run: str):
     models.nn.BatchNorm = original
 
 
-def train(dtype: str, run: str, data_dir: str, steps: int = STEPS) -> dict:
-  """Runs in this process's topology; returns per-step losses and flat params after the steps
-  of REPORT_AFTER up to `steps` and after `steps` (process 0's copy). run: one of RUNS (two
-  processes: 'roll0')."""
+def train(dtype: str, runs, data_dir: str, steps: int = STEPS) -> dict:
+  """{run: per-step losses and flat params after the steps of REPORT_AFTER up to `steps` and after
+  `steps` (process 0's copy)} for each of `runs` (RUNS; two processes: 'roll0'), in this
+  process's topology. Every run starts from one initial state; the runs without a planted BN
+  bug share one compiled step."""
   import jax
 
   from densenet_jax import devices, inference, input_pipeline, models
@@ -97,22 +98,29 @@ def train(dtype: str, run: str, data_dir: str, steps: int = STEPS) -> dict:
                               dtype=dtype, axis_name=inference.AXIS_NAME)
   learning_rate_fn = train_steps.learning_rate_schedule(LEARNING_RATE, STEPS_PER_EPOCH, (2.5,))
   tx = train_steps.sgd_nesterov(learning_rate_fn, 0.9, 1e-4)
-  state = train_steps.create_train_state(model, jax.random.key(0), (32, 32, 3), tx)
+  initial = devices.replicate(
+      train_steps.create_train_state(model, jax.random.key(0), (32, 32, 3), tx))
   transform = input_pipeline.Data(DataOptions('cifar10', data_dir)).device_transform(train=True)
-  with planted(run):
-    p_step = jax.pmap(functools.partial(train_steps.train_step, learning_rate_fn=learning_rate_fn,
-                                        transform=transform), axis_name=inference.AXIS_NAME)
-    p_state = devices.replicate(state)
-    roll = int(run[4:]) if run.startswith('roll') else 0
-    source = batches(data_dir, roll, shards_read=(0, 0) if run == 'one_shard' else (0, 1))
-    losses, params = [], {}
-    for step, batch in zip(range(1, steps + 1), source):
-      p_state, metrics = p_step(p_state, batch)
-      losses.append(float(devices.unreplicate(metrics)['loss']))
-      if step in REPORT_AFTER or step == steps:
-        leaves = jax.tree.leaves(devices.unreplicate(p_state.params))
-        params[step] = np.concatenate([np.ravel(x) for x in leaves]).astype(np.float64)
-  return {'losses': losses, 'params': params}
+  p_steps = {}  # by whether BN is planted: a step is traced (in `planted`) at its first call
+  results = {}
+  for run in runs:
+    with planted(run):
+      if (run == 'bn_per_process') not in p_steps:
+        p_steps[run == 'bn_per_process'] = jax.pmap(
+            functools.partial(train_steps.train_step, learning_rate_fn=learning_rate_fn,
+                              transform=transform), axis_name=inference.AXIS_NAME)
+      p_step = p_steps[run == 'bn_per_process']
+      roll = int(run[4:]) if run.startswith('roll') else 0
+      source = batches(data_dir, roll, shards_read=(0, 0) if run == 'one_shard' else (0, 1))
+      p_state, losses, params = initial, [], {}
+      for step, batch in zip(range(1, steps + 1), source):
+        p_state, metrics = p_step(p_state, batch)
+        losses.append(float(devices.unreplicate(metrics)['loss']))
+        if step in REPORT_AFTER or step == steps:
+          leaves = jax.tree.leaves(devices.unreplicate(p_state.params))
+          params[step] = np.concatenate([np.ravel(x) for x in leaves]).astype(np.float64)
+    results[run] = {'losses': losses, 'params': params}
+  return results
 
 
 def worker(args):
@@ -122,7 +130,7 @@ def worker(args):
     jax.config.update('jax_enable_x64', True)
   if args.num_processes > 1:
     jax.distributed.initialize(f'localhost:{args.port}', args.num_processes, args.process_id)
-  runs = {run: train(args.dtype, run, args.data_dir, args.steps) for run in args.runs}
+  runs = train(args.dtype, args.runs, args.data_dir, args.steps)
   if jax.process_index() == 0:
     np.savez(args.out, **{f'{run}_losses': r['losses'] for run, r in runs.items()},
              **{f'{run}_params_{s}': p for run, r in runs.items()

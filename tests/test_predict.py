@@ -1,6 +1,6 @@
 """predict.py: the top-k ranking, names and probabilities of image files, against the model
-applied by hand; a prediction process that loads neither optax nor the training loop; the
-table and CSV it writes."""
+applied by hand, in one batch and in several; a prediction process that loads neither optax nor
+the training loop; the table and CSV it writes."""
 
 import csv
 import json
@@ -81,6 +81,23 @@ print(json.dumps({{'loaded': loaded, 'files': predictions.files,
   # float32 softmax of float32 logits: a few ulps of 1.
   np.testing.assert_allclose(out['probabilities'], np.take_along_axis(probabilities, order, 1),
                              rtol=1e-5)
+
+
+def test_files_are_scored_in_batches_every_one_once_in_order(run, monkeypatch):
+  """Up to BATCH files a forward pass, fewer in one pass of the smallest power of two that holds
+  them (one compile either way): with BATCH = 2, the five images and the broken file take three
+  passes, the last one padded, and rank as the model does."""
+  assert [predict.batch_size(n) for n in (1, 2, 3, 5, 8, 9, 31, 32, 33, 1000)] == [
+      1, 2, 4, 8, 8, 16, 32, 32, 32, 32]
+  workdir, images, files, logits = run
+  config = digits.get_config()
+  config.model.depth, config.model.growth_rate, config.image_size = 10, 4, 8
+  monkeypatch.setattr(predict, 'BATCH', 2)
+  predictions = predict.predict(config, str(workdir), [str(images)], top_k=3)
+  assert predictions.files == [str(f) for f in files]
+  assert [f for f, _ in predictions.unreadable] == [str(images / 'broken.png')]
+  np.testing.assert_array_equal(predictions.top_classes,
+                                np.argsort(-logits, axis=1, kind='stable')[:, :3])
 
 
 def test_embeddings_are_the_classifiers_input(run, tmp_path):
