@@ -17,6 +17,7 @@ on stderr); 128 + N stopped by signal N (SIGTERM, SIGINT) after checkpointing it
 same command resumes it exactly.
 """
 
+import gc
 import os
 import sys
 
@@ -139,6 +140,11 @@ INFERENCE_MODES = {'predict': _predict, 'embed': _embed, 'export': _export}
 
 def main(argv):
   del argv
+  # TensorFlow and JAX make ~400k objects as they load, nearly all of which live as long as the
+  # process. Collecting cycles while they load walks them again and again: ~1.3 s of CPU at
+  # every start (1,000 collections, 7 of them full). The collector waits until TensorFlow has
+  # loaded; what is loaded by then is left out of later collections (gc.freeze).
+  gc.disable()
   inference_only = FLAGS.mode in INFERENCE_MODES
   if inference_only:
     _check_inference_flags(FLAGS.config, FLAGS.workdir)
@@ -160,6 +166,8 @@ def main(argv):
     # failed download is reported seconds sooner; every mode fetches them again (a no-op).
     weight_sources.fetch(FLAGS.config.init_from)
     runtime.keep_tensorflow_off_accelerators()
+    gc.freeze()
+    gc.enable()
     if inference_only:
       INFERENCE_MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
     else:
