@@ -7,7 +7,7 @@ ship with the package) is exported as model.jax and saved_model/ (densenet_jax/e
 a temporary folder. Then, per batch size (1 and 32) of uint8 224x224 images, the median
 wall-clock time of a call, after one warm-up call (which compiles):
   predict     the jitted uint8-to-logits function that --mode=predict calls per batch
-              (predict pads every batch to 32 images, so a single image costs it a batch of 32)
+              (predict.batch_size: up to 32 images a call; a single image is a batch of 1)
   jax.export  jax.export.deserialize(model.jax).call(images)
   SavedModel  tf.saved_model.load(saved_model).signatures['serving_default'](images=...)
 plus each artifact's size, the largest logit difference from predict (relative to the largest
