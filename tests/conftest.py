@@ -10,7 +10,7 @@ each program once. XLA compiles without most of its optimizations (JAX_DISABLE_M
 and, where XLA still has it (jaxlib 0.10), with XLA:CPU's older elementwise code generator
 instead of its fusion emitters (--xla_cpu_use_fusion_emitters=false): what a program computes
 is the same, it compiles several times faster (a tiny DenseNet's train step 3.1 s -> 0.9 s, a
-DenseNet-121-sized one 25 s -> 11 s; compiles are most of the suite's time) and runs slower
+DenseNet-121-sized one 25 s -> 11 s) and runs slower
 (irrelevant at the tests' sizes). A test about what the optimizing compiler makes of a program
 (the memory of a compiled step) asks for it with the `xla_optimized` fixture.
 
