@@ -17,8 +17,8 @@ def init_shapes(model: models.DenseNet, image_size: int, batch_size: int = 1):
   """The shapes of `model.init`'s variables, via jax.eval_shape (no compile).
 
   Traced once per model, size and float64 setting in a process (DenseNet-121's init takes ~1 s
-  to trace; a conversion and its check, or predict and its weights, ask twice); each call gets
-  its own copy of the tree.
+  to trace; this module's table asks for each network's parameters, then for its multiply-adds,
+  and the tests ask for the same networks again); each call gets its own copy of the tree.
   """
   shapes = _traced_init_shapes(model, image_size, batch_size,
                                jax.dtypes.canonicalize_dtype(jnp.float64))
