@@ -104,12 +104,13 @@ def train(dtype: str, runs, data_dir: str, steps: int = STEPS) -> dict:
   p_steps = {}  # by whether BN is planted: a step is traced (in `planted`) at its first call
   results = {}
   for run in runs:
+    bn_planted = run == 'bn_per_process'
     with planted(run):
-      if (run == 'bn_per_process') not in p_steps:
-        p_steps[run == 'bn_per_process'] = jax.pmap(
+      if bn_planted not in p_steps:
+        p_steps[bn_planted] = jax.pmap(
             functools.partial(train_steps.train_step, learning_rate_fn=learning_rate_fn,
                               transform=transform), axis_name=inference.AXIS_NAME)
-      p_step = p_steps[run == 'bn_per_process']
+      p_step = p_steps[bn_planted]
       roll = int(run[4:]) if run.startswith('roll') else 0
       source = batches(data_dir, roll, shards_read=(0, 0) if run == 'one_shard' else (0, 1))
       p_state, losses, params = initial, [], {}
