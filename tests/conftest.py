@@ -12,7 +12,8 @@ instead of its fusion emitters (--xla_cpu_use_fusion_emitters=false): what a pro
 is the same, it compiles several times faster (a tiny DenseNet's train step 3.1 s -> 0.9 s, a
 DenseNet-121-sized one 25 s -> 11 s) and runs slower
 (irrelevant at the tests' sizes). A test about what the optimizing compiler makes of a program
-(the memory of a compiled step) asks for it with the `xla_optimized` fixture.
+(the memory of a compiled step: test_memory_efficient.py) compiles that program, and only that
+one, with all of them.
 
 pytest's main process loads this file too, before it starts the workers, and with `-n` runs no
 test: it imports neither JAX nor the test helpers (TensorFlow through them), which the fixtures
@@ -92,16 +93,6 @@ def server(monkeypatch):
   yield httpd
   httpd.shutdown()
   httpd.server_close()
-
-
-@pytest.fixture
-def xla_optimized():
-  """The test's programs compile with all of XLA's optimizations, as outside the tests."""
-  import jax  # pylint: disable=import-outside-toplevel (the main process: module docstring)
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', False)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
 
 
 @pytest.fixture(scope='session')

@@ -1,5 +1,6 @@
 """Every Table 2 and Table 3 config has the paper's hyperparameters and validates for 8 devices;
-the train step of each kind of config (DenseNet, DenseNet-BC, ImageNet) traces."""
+the train step of each kind of config (DenseNet, DenseNet-BC, ImageNet) traces, at two layers
+per dense block."""
 
 import functools
 import importlib
@@ -89,6 +90,11 @@ def test_bad_config_arguments_are_clear_errors():
 
 def _trace_train_step(config, num_classes, image_shape):
   config.cross_replica_bn = False  # traced without pmap: no axis to average over
+  # Two layers per block: the code traced depends on the config's kind, not on its depth.
+  if 'depth' in config.model:
+    config.model.depth = 4 + 2 * (6 if config.model.bottleneck else 3)
+  else:
+    config.model.block_sizes = (2,) * len(config.model.block_sizes)
   model = create_model_from_config(config, num_classes)
   lr_fn = steps.learning_rate_schedule(config.learning_rate, 100, config.lr_decay_epochs)
   tx = steps.sgd_nesterov(lr_fn, config.momentum, config.weight_decay)
@@ -102,10 +108,11 @@ def _trace_train_step(config, num_classes, image_shape):
   assert metrics['loss'].shape == ()
 
 
-# The train step is traced for one config of each kind: the code a config runs depends on its
-# kind (stem, bottleneck, compression, dropout), not on its depth or growth rate, and tracing a
-# deep config costs 5-15 s of Python. Every config's forward pass is traced at its own size by
-# its parameter count (test_models.py).
+# The train step is traced for one config of each kind, with two layers per dense block: the
+# code a config runs depends on its kind (stem, bottleneck, compression, dropout, image size,
+# classes, optimizer), not on its depth or growth rate, and tracing a config's full depth costs
+# 8-15 s of Python (DenseNet-40, -BC-100, -121). Every config's forward pass is traced at its
+# own size by its parameter count (test_models.py).
 @pytest.mark.parametrize('model_name', ['densenet40_k12', 'densenet_bc100_k12'])
 def test_table2_train_step_traces(model_name):
   config = cifar.get_config(f'{model_name},c10')  # dropout on: the dropout path traces too
