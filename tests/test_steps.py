@@ -54,7 +54,10 @@ def test_imagenet_schedule_with_three_drops():
   np.testing.assert_allclose(values, [0.1, 0.01, 0.01, 0.001, 0.001, 0.0001], rtol=1e-6)
 
 
-def _run_steps(num_devices, batches, cross_replica_bn=True):
+@functools.lru_cache(maxsize=None)
+def _initial_state_and_step(num_devices, cross_replica_bn):
+  """(initial state, pmapped train step) on the first num_devices devices: built, traced and
+  compiled once for the tests that share them."""
   devices = jax.devices()[:num_devices]
   model = models.DenseNet(block_sizes=(2, 2), growth_rate=4, bottleneck=True, compression=0.5,
                           num_classes=10,
@@ -64,7 +67,11 @@ def _run_steps(num_devices, batches, cross_replica_bn=True):
                                    steps.sgd_nesterov(lr_fn, 0.9, 1e-4))
   p_step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=lr_fn),
                     axis_name=inference.AXIS_NAME, devices=devices)
-  p_state = replicate(state, devices)
+  return replicate(state, devices), p_step
+
+
+def _run_steps(num_devices, batches, cross_replica_bn=True):
+  p_state, p_step = _initial_state_and_step(num_devices, cross_replica_bn)
   for batch in batches:
     shard = {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}
     p_state, metrics = p_step(p_state, shard)
