@@ -2,6 +2,7 @@
 the train step of each kind of config (DenseNet, DenseNet-BC, ImageNet) traces, at two layers
 per dense block."""
 
+import dataclasses
 import functools
 import importlib
 
@@ -91,10 +92,13 @@ def test_bad_config_arguments_are_clear_errors():
 def _trace_train_step(config, num_classes, image_shape):
   config.cross_replica_bn = False  # traced without pmap: no axis to average over
   # Two layers per block: the code traced depends on the config's kind, not on its depth.
+  architecture = architecture_of(config)
+  short = dataclasses.replace(architecture, block_sizes=(2,) * len(architecture.block_sizes))
   if 'depth' in config.model:
-    config.model.depth = 4 + 2 * (6 if config.model.bottleneck else 3)
+    config.model.depth = short.depth
   else:
-    config.model.block_sizes = (2,) * len(config.model.block_sizes)
+    config.model.block_sizes = short.block_sizes
+  assert architecture_of(config) == short
   model = create_model_from_config(config, num_classes)
   lr_fn = steps.learning_rate_schedule(config.learning_rate, 100, config.lr_decay_epochs)
   tx = steps.sgd_nesterov(lr_fn, config.momentum, config.weight_decay)
